@@ -1,0 +1,45 @@
+# semiseg — one-command setup. Every target creates .venv and installs the project on first use.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# torch/torchvision pinned for reproducibility; on a GPU server, install the CUDA build you need first.
+TORCH := torch==2.14.1 torchvision==0.29.1
+
+.PHONY: install test test-slow demo bench lab export clean-nbs check-clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet $(TORCH) -e '.[dev]'
+	$(BIN)/python -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (semiseg)" > /dev/null
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# notebooks are the source: nbdev-clean and nbdev-export must leave the tree unchanged
+check-clean: install
+	@state() { git status --porcelain -- nbs semiseg; git diff -- nbs semiseg; }; before="$$(state | md5sum)"; \
+	$(BIN)/nbdev-clean && $(BIN)/nbdev-export && \
+	if [ "$$before" != "$$(state | md5sum)" ]; then \
+	  echo "nbdev-clean / nbdev-export changed nbs/ or semiseg/: export and clean the notebooks, then commit:"; \
+	  git status --short -- nbs semiseg; exit 1; fi
+
+test: check-clean
+	$(BIN)/python -m pytest -q tests
+
+# the cells marked `#| slow` (longer training runs): run them all
+test-slow: install
+	$(BIN)/nbdev-test --flags slow --n-workers 1
+
+demo: install
+	$(BIN)/semiseg-train method=supervised out_dir=runs/demo/supervised
+
+bench: install
+	$(BIN)/semiseg-bench
+
+lab: install
+	$(BIN)/jupyter lab --notebook-dir=nbs
+
+export: install
+	$(BIN)/nbdev-export
+	$(BIN)/nbdev-clean
