@@ -24,6 +24,8 @@ check-clean: install
 	  echo "nbdev-clean / nbdev-export changed nbs/ or semiseg/: export and clean the notebooks, then commit:"; \
 	  git status --short -- nbs semiseg; exit 1; fi
 
+# torch's OpenMP threads spin-wait by default, which slows parallel test processes on 2 cores many times over
+test: export OMP_WAIT_POLICY := PASSIVE
 test: check-clean
 	$(BIN)/python -m pytest -q tests
 
