@@ -31,7 +31,7 @@ test: check-clean
 
 # the cells marked `#| slow` (longer training runs): run them all
 test-slow: install
-	$(BIN)/nbdev-test --flags slow --n-workers 1
+	$(BIN)/nbdev-test --flags slow --n-workers 1 --skip-folder-re "^exp$$"
 
 demo: install
 	$(BIN)/semiseg-train method=supervised out_dir=runs/demo/supervised
