@@ -88,3 +88,11 @@ def test_interrupted_run_resumes_exactly(sig, tiny_data, reference_run, tmp_path
     loss = lambda p: {l["it"]: l["loss"] for l in map(json.loads, p.read_text().splitlines())
                       if "loss" in l and not l["it"] - 5 < done < l["it"]}
     assert loss(reference_run / "metrics.jsonl") == loss(out / "metrics.jsonl"), done
+
+
+def test_resume_refuses_another_architecture(tiny_data, reference_run, tmp_path):
+    "Resuming a finished run's directory with another backbone is refused with a message, not a key dump."
+    import shutil
+    out = tmp_path / "run"; shutil.copytree(reference_run, out)
+    p = run([f"data_root={tiny_data}", *RESUME_ARGS, "workers=0", "backbone=resnet18", f"out_dir={out}"])
+    assert p.returncode != 0 and "does not fit this model" in p.stderr and "backbone=tiny" in p.stderr, p.stderr[-2000:]
