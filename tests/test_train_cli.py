@@ -96,3 +96,30 @@ def test_resume_refuses_another_architecture(tiny_data, reference_run, tmp_path)
     out = tmp_path / "run"; shutil.copytree(reference_run, out)
     p = run([f"data_root={tiny_data}", *RESUME_ARGS, "workers=0", "backbone=resnet18", f"out_dir={out}"])
     assert p.returncode != 0 and "does not fit this model" in p.stderr and "backbone=tiny" in p.stderr, p.stderr[-2000:]
+
+
+FAILING_RANK = '''
+import os, sys
+from semiseg.core import register_method
+from semiseg.train import Supervised, train, main
+
+@register_method("fails_on_rank1")
+class FailsOnRank1(Supervised):
+    def forward(self, labeled, unlabeled, it):
+        if it == 3 and os.environ["RANK"] == "1": raise RuntimeError("rank 1 broke at iteration 3")
+        return super().forward(labeled, unlabeled, it)
+
+main(sys.argv[1:])
+'''
+
+
+def test_ddp_rank_failure_ends_the_job(tiny_data, tmp_path):
+    "A rank that raises takes the whole torchrun job down with its message, instead of leaving rank 0 waiting."
+    script = tmp_path / "fail.py"; script.write_text(FAILING_RANK)
+    t = time.time()
+    p = subprocess.run([str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", str(script), "method=fails_on_rank1",
+                        f"data_root={tiny_data}", *COMMON, "iters=20", "workers=0", f"out_dir={tmp_path/'run'}"],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode != 0 and "rank 1 broke at iteration 3" in p.stderr, p.stderr[-3000:]
+    assert time.time() - t < 120
+    assert not (tmp_path / "run" / "results.json").exists()
