@@ -1,0 +1,167 @@
+"""The experiment layer end to end: the papermill template with a real kernel, a 2×2 sweep with one failing run,
+every figure type from a small results table, and the figures template."""
+import json, subprocess, sys
+from pathlib import Path
+import numpy as np
+import pytest
+import papermill as pm
+from semiseg import experiments as E, plots as P
+from semiseg.data import make_synthetic
+
+PNG, PDF = b"\x89PNG\r\n\x1a\n", b"%PDF"
+TINY = dict(labeled=8, batch_size=4, batch_size_u=4, workers=0, log_every=5, iters=10, n_show=2)
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+    "The embedded benchmark, small: 40 training and 16 validation scenes."
+    return make_synthetic(tmp_path_factory.mktemp("bench"), n_train=40, n_val=16)
+
+
+@pytest.fixture(scope="module")
+def template_run(bench, tmp_path_factory):
+    "One execution of nbs/exp/train.ipynb through papermill with the python3 kernel."
+    out = tmp_path_factory.mktemp("tpl") / "supervised-run"
+    res = E.run_notebook(dict(TINY, data_root=str(bench), weight_decay=0.0005), out)
+    return out, res
+
+
+def images_ok(paths):
+    for p in map(Path, paths):
+        assert p.is_file() and p.stat().st_size > 0, p
+        assert p.read_bytes()[:8 if p.suffix == ".png" else 4] == (PNG if p.suffix == ".png" else PDF), p
+
+
+def test_template_parameters_match_the_module():
+    params = pm.inspect_notebook(str(E.find_template()))
+    assert list(params) == list(E.TEMPLATE_PARAMS)
+    for name, p in params.items():
+        assert p["inferred_type_name"] != "None" and p["help"], f"parameter {name} lacks a type or a comment"
+
+
+def test_template_through_papermill(template_run):
+    out, res = template_run
+    assert (res["method"], res["iters"], len(res["per_class_iou"])) == ("supervised", 10, 7)
+    assert json.loads((out / "config.json").read_text())["weight_decay"] == 0.0005      # routed through `options`
+    rec = E.record_path(out)
+    assert rec == out.parent / "supervised-run.ipynb" and rec.is_file()
+    nb = json.loads(rec.read_text())
+    tags = [c["metadata"].get("tags", []) for c in nb["cells"]]
+    assert ["injected-parameters"] in tags
+    outputs = [o for c in nb["cells"] if c["cell_type"] == "code" for o in c.get("outputs", [])]
+    assert sum("image/png" in o.get("data", {}) for o in outputs) == 2                   # curves and predictions
+    assert any("| striped_disk |" in "".join(o.get("data", {}).get("text/markdown", "")) for o in outputs)
+    images_ok([out / "figures" / f"{n}.{e}" for n in ("curves", "qualitative") for e in ("png", "pdf")])
+    assert len(list((out / "preds").glob("*.png"))) == 2
+    tpl = json.loads(E.find_template().read_text())                                     # the template is untouched
+    assert all(not c.get("outputs") for c in tpl["cells"] if c["cell_type"] == "code")
+    with pytest.raises(ValueError, match="never executed in place"):
+        E.record_path(E.find_template().with_suffix(""), E.find_template())
+
+
+def test_sweep_2x2_with_a_failing_run(bench, tmp_path):
+    # slide evaluation without a window size fails at the end of training; the other three runs must finish
+    grid = {"eval_protocol": ["whole", "slide"], "eval_crop": [None, 48]}
+    rows = E.sweep(grid, dict(TINY, data_root=str(bench), iters=6, eval_every=0), out_root=tmp_path / "sweep", jobs=2,
+                   runner="notebook", verbose=False)
+    status = {(r["eval_protocol"], r["eval_crop"]): r["status"] for r in rows}
+    assert status == {("whole", None): "ok", ("whole", 48): "ok", ("slide", None): "failed", ("slide", 48): "ok"}
+    bad = next(r for r in rows if r["status"] == "failed")
+    assert bad["exit_status"] == 1 and bad["miou"] is None
+    assert "ValueError" in bad["error"] and "needs crop" in bad["error"] and "Traceback" in bad["error"]
+    assert bad["failed_cell"].startswith("In [") and "# train" in bad["failed_cell"]
+    assert Path(bad["notebook"]).is_file()                                               # the record shows the error too
+    good = [r for r in rows if r["status"] == "ok"]
+    assert all(0 <= r["miou"] <= 100 and r["iou_background"] is not None and r["wall_s"] > 0 for r in good)
+    table = E.load_results(tmp_path / "sweep" / "results.csv")
+    assert [r["run"] for r in table] == [r["run"] for r in rows] and table[0]["config"]["iters"] == 6
+    header = (tmp_path / "sweep" / "results.csv").read_text().splitlines()[0].split(",")
+    assert header[:8] == ["run", "status", "method", "dataset", "labeled", "seed", "eval_protocol", "eval_crop"]
+    assert {"miou", "iou_striped_disk", "wall_s", "error", "failed_cell", "exit_status", "config"} <= set(header)
+
+
+def test_sweep_cli_dry_run():
+    p = subprocess.run([sys.executable, "-m", "semiseg.experiments", "method=supervised,cps", "labeled=1/16,1/8", "iters=5",
+                        "--dry-run"], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert [l.split()[0] for l in p.stdout.splitlines()] == ["supervised-1of16-s0", "supervised-1of8-s0", "cps-1of16-s0", "cps-1of8-s0"]
+
+
+@pytest.fixture(scope="module")
+def small_table(template_run, tmp_path_factory):
+    "A results table with every kind of column the figures read, plus metrics.jsonl files of CPS-like runs."
+    out, res = template_run
+    d = tmp_path_factory.mktemp("table")
+    rng = np.random.default_rng(0)
+    rows = []
+    for m, b in (("supervised", 30), ("cps_cutmix", 35), ("cct", 33)):
+        for i, lab in enumerate(("1/16", "1/8", "1/4")):
+            for s in (0, 1):
+                rows.append(dict(run=f"{m}-{lab}-s{s}", status="ok", method=m, dataset="synthetic", labeled=lab, seed=s,
+                                 miou=b + 7 * i + rng.normal(0, 1), out_dir=None))
+    rows += [dict(run=f"cps-w{w}-s{s}", status="ok", method="cps", dataset="synthetic", labeled="1/8", seed=s, cps_weight=w,
+                  miou=40 - (w - 1.5) ** 2 + rng.normal(0, 0.5), out_dir=None) for w in (0.5, 1.5, 3.0) for s in (0, 1)]
+    rows += [dict(run=f"abl-{v}", status="ok", method="cps", dataset="synthetic", labeled="1/8", seed=0, variant=v, miou=x, out_dir=None)
+             for v, x in (("Ls only", 30.0), ("+ Lu_cps", 34.0))]
+    rows += [dict(run=f"pl-{h}-{s}", status="ok", method="ciscr", subset=h, seed=s, pl_miou=v + s) for h, v in (("reliable", 70), ("unreliable", 50)) for s in (0, 1)]
+    for s in (0, 1):                                                                       # CPS-like runs with agreement logs
+        rd = d / f"cps-agree-s{s}"; rd.mkdir()
+        (rd / "metrics.jsonl").write_text("".join(json.dumps(dict(it=it, loss=1.0 / it, agree_l=0.7 + it / 1000, agree_u=0.6 + it / 1000,
+                                                                  agree_all=0.65 + it / 1000)) + "\n" for it in range(10, 201, 10)))
+        rows.append(dict(run=rd.name, status="ok", method="cps", dataset="synthetic", labeled="1/8", seed=s, miou=None, out_dir=str(rd)))
+    rows.append(dict(run=out.name, status="ok", method="supervised", dataset="synthetic", labeled="1/32", seed=0, miou=res["miou"], out_dir=str(out)))
+    rows.append(dict(run="broken", status="failed", method="cps", dataset="synthetic", labeled="1/8", seed=3, miou=None,
+                     error="Traceback ...\nValueError: boom", failed_cell="In [4]: # train"))
+    E.write_csv([dict(r, config={k: v for k, v in r.items() if k in ("method", "labeled", "seed", "cps_weight")}) for r in rows], d / "results.csv")
+    return rows, d
+
+
+FIGURES = [  # (name, function, arguments, a column whose absence it must reject)
+    ("lines", lambda t, **k: P.miou_vs_labels(t, kind="line"), "labeled"),
+    ("bars", lambda t, **k: P.miou_vs_labels(t, kind="bar"), "miou"),
+    ("ablation", lambda t, **k: P.ablation_bars(t, by="variant", baseline="Ls only"), "variant"),
+    ("lambda", lambda t, **k: P.lambda_sensitivity(t, param="cps_weight", paper=P.PAPER_LAMBDA), "cps_weight"),
+    ("plq", lambda t, **k: P.pseudo_label_quality(t, hue="subset"), "pl_miou"),
+    ("agreement", lambda t, **k: P.agreement_curve([r for r in t if r["run"].startswith("cps-agree")]), None),
+    ("qualitative", lambda t, **k: P.qualitative_from_runs(P.pick_runs(t), n=2), "out_dir"),
+]
+
+
+@pytest.mark.parametrize("name,make,column", FIGURES, ids=[f[0] for f in FIGURES])
+def test_figure_types(name, make, column, small_table, tmp_path):
+    rows, _ = small_table
+    fig = make(rows)
+    images_ok(P.save_figure(fig, tmp_path, name))
+    if column:
+        with pytest.raises(ValueError, match=f"needs the column\\(s\\).*lacks {column}"):
+            make([{k: v for k, v in r.items() if k != column} for r in rows])
+
+
+def test_image_figures(template_run, tmp_path):
+    out, _ = template_run
+    from semiseg.data import cityscapes_palette, CITYSCAPES_CLASSES
+    gt = np.zeros((2, 16, 32), np.uint8); gt[:, :5] = 10; gt[:, 8:12, 4:12] = 13; gt[:, 14:, :3] = 255
+    img = np.full((2, 16, 32, 3), 120, np.uint8)
+    images_ok(P.save_figure(P.qualitative_grid(img, gt, {"ours": gt}, palette=cityscapes_palette(), class_names=CITYSCAPES_CLASSES),
+                            tmp_path, "city"))
+    images_ok(P.save_figure(P.similarity_from_run(out, n=2), tmp_path, "similarity"))
+    images_ok(P.save_figure(P.training_curves(out), tmp_path, "curves"))
+    with pytest.raises(ValueError, match="agreement_curve needs the metrics.jsonl key"):
+        P.agreement_curve(out)                                                           # a supervised run logs no agreement
+    with pytest.raises(ValueError, match="2 images but 1 ground truths"):
+        P.qualitative_grid(img, gt[:1], {"ours": gt})
+    v = P.viewer({"run": out})
+    images_ok(P.save_figure(v.figure(1, classes=("background",), alpha=0.4), tmp_path, "viewer"))
+
+
+def test_figures_template_and_report(small_table, tmp_path):
+    rows, d = small_table
+    rec = tmp_path / "figures.ipynb"
+    pm.execute_notebook(str(E.find_template("figures.ipynb")), str(rec), kernel_name="python3", progress_bar=False,
+                        parameters=dict(results=str(d / "results.csv"), out_dir=str(tmp_path / "figures"), notes="a test table"))
+    pngs = sorted(p.stem for p in (tmp_path / "figures").glob("*.png"))
+    assert {"miou_vs_labels_line", "miou_vs_labels_bar", "ablation", "lambda_cps_weight", "agreement", "pseudo_label_quality",
+            "qualitative", "similarity", "training_curves", "paper_cps_voc_r101"} <= set(pngs), pngs
+    images_ok((tmp_path / "figures").glob("*.p*"))
+    report = (tmp_path / "report.md").read_text()
+    assert "| CPS + CutMix (`cps_cutmix`) | 1/16 | 2 |" in report and "a test table" in report and "ValueError: boom" in report
