@@ -33,14 +33,17 @@ test: check-clean
 test-slow: install
 	$(BIN)/nbdev-test --flags slow --n-workers 1 --skip-folder-re "^exp$$"
 
+# the CPU demo: supervised + every method at 1/16 labels on the embedded benchmark, figures and runs/demo/report.md
+# within ~13 min on 2 cores (iterations per run scale to the budget; the report says how many)
+demo: export OMP_WAIT_POLICY := PASSIVE
 demo: install
-	$(BIN)/semiseg-train method=supervised out_dir=runs/demo/supervised
+	$(BIN)/semiseg-sweep --demo --out runs/demo
 
 bench: install
 	$(BIN)/semiseg-bench
 
 lab: install
-	$(BIN)/jupyter lab --notebook-dir=nbs
+	$(BIN)/jupyter lab --notebook-dir=nbs $(LAB_ARGS)
 
 export: install
 	$(BIN)/nbdev-export
