@@ -7,11 +7,10 @@ Docs: https://semiseg.github.io/semiseg/data.html.md"""
 # %% auto #0
 __all__ = ['VOC_CLASSES', 'CITYSCAPES_CLASSES', 'CITYSCAPES_LABEL_TO_TRAIN', 'IMAGE_EXTS', 'VOC_LAYOUT', 'CITYSCAPES_LAYOUT',
            'FOLDER_LAYOUT', 'SYNTHETIC_VERSION', 'SYNTHETIC_CLASSES', 'voc_palette', 'label_lut', 'cityscapes_palette',
-           'colorize', 'SegDataset', 'read_split', 'write_split', 'subset', 'voc_items', 'cityscapes_items',
-           'read_classes', 'folder_items', 'n_labeled', 'partition', 'synthetic_scene', 'synthetic_sample',
-           'make_synthetic', 'infinite']
+           'colorize', 'SegDataset', 'read_split', 'write_split', 'voc_items', 'cityscapes_items', 'read_classes',
+           'folder_items', 'n_labeled', 'partition', 'synthetic_scene', 'synthetic_sample', 'make_synthetic']
 
-# %% ../nbs/01_data.ipynb #692fd196
+# %% ../nbs/01_data.ipynb #e29dee8d
 import functools, hashlib, json, math, os, shutil, tempfile, time
 from fractions import Fraction
 from pathlib import Path, PurePosixPath
@@ -22,7 +21,7 @@ from PIL import Image
 from torchvision import tv_tensors
 from .core import IGNORE_INDEX
 
-# %% ../nbs/01_data.ipynb #32f1e7b1
+# %% ../nbs/01_data.ipynb #15b854fa
 VOC_CLASSES = ('background', 'aeroplane', 'bicycle', 'bird', 'boat', 'bottle', 'bus', 'car', 'cat', 'chair', 'cow',
                'diningtable', 'dog', 'horse', 'motorbike', 'person', 'pottedplant', 'sheep', 'sofa', 'train',
                'tvmonitor')
@@ -35,7 +34,7 @@ def voc_palette() -> np.ndarray:
         for c in range(3): pal[:, c] |= ((i >> (3 * k + c)) & 1) << (7 - k)
     return pal.astype(np.uint8)
 
-# %% ../nbs/01_data.ipynb #ba8c7149
+# %% ../nbs/01_data.ipynb #21d930c5
 CITYSCAPES_CLASSES = ('road', 'sidewalk', 'building', 'wall', 'fence', 'pole', 'traffic light', 'traffic sign',
                       'vegetation', 'terrain', 'sky', 'person', 'rider', 'car', 'truck', 'bus', 'train',
                       'motorcycle', 'bicycle')
@@ -59,7 +58,7 @@ def cityscapes_palette() -> np.ndarray:
                 (255, 0, 0), (0, 0, 142), (0, 0, 70), (0, 60, 100), (0, 80, 100), (0, 0, 230), (119, 11, 32)]
     return pal
 
-# %% ../nbs/01_data.ipynb #f1b44bf6
+# %% ../nbs/01_data.ipynb #881b67a9
 def colorize(mask, # (H, W) class indices (array or tensor), 255 = ignore
              palette:np.ndarray|None=None # (256, 3) uint8; VOC colours by default
             ) -> np.ndarray:
@@ -68,7 +67,7 @@ def colorize(mask, # (H, W) class indices (array or tensor), 255 = ignore
     m = np.asarray(mask.cpu() if isinstance(mask, torch.Tensor) else mask).astype(np.int64)
     return pal[np.clip(m, 0, 255)]
 
-# %% ../nbs/01_data.ipynb #c43307f7
+# %% ../nbs/01_data.ipynb #9839124e
 def _rgb_to_index(rgb:np.ndarray, palette:np.ndarray) -> np.ndarray:
     "Decode an (H, W, 3) colour mask into palette indices (first match wins; unknown colours -> 255)."
     pal = np.asarray(palette, np.int64).reshape(-1, 3)
@@ -125,7 +124,7 @@ class SegDataset(torch.utils.data.Dataset):
         n = sum(m is not None for _, _, m in self.items)
         return f'{type(self).__name__}({len(self)} images, {n} with masks, classes={self.num_classes})'
 
-# %% ../nbs/01_data.ipynb #74fdfe38
+# %% ../nbs/01_data.ipynb #f93eebd1
 IMAGE_EXTS = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp')
 
 def _line_id(line:str) -> str:
@@ -149,7 +148,7 @@ def write_split(path, ids, # ids to write, in order
     os.chmod(tmp, 0o644); os.replace(tmp, path)
     return path
 
-# %% ../nbs/01_data.ipynb #cc68395a
+# %% ../nbs/01_data.ipynb #748daa08
 def _check_dir(path, what, layout):
     path = Path(path)
     if not path.is_dir(): raise FileNotFoundError(f'{what} {path} not found; expected layout:\n{layout}')
@@ -171,13 +170,7 @@ def _mask_or_fail(path, masks, layout):
 def _files(folder) -> set[str]:
     return set(os.listdir(folder)) if os.path.isdir(folder) else set()
 
-def subset(items, ids) -> list:
-    "The items whose id is in `ids`, in the order of `items`; KeyError for unknown ids."
-    want = set(ids); have = {it[0] for it in items}
-    if want - have: raise KeyError(f'{len(want - have)} ids not in items, e.g. {sorted(want - have)[:3]}')
-    return [it for it in items if it[0] in want]
-
-# %% ../nbs/01_data.ipynb #0a758f66
+# %% ../nbs/01_data.ipynb #29adc10b
 VOC_LAYOUT = '''  <root>/JPEGImages/<id>.jpg
   <root>/SegmentationClassAug/<id>.png   (optional SBD masks, preferred when present)
   <root>/SegmentationClass/<id>.png      (palette PNGs of class indices)
@@ -200,7 +193,7 @@ def voc_items(root, # VOC2012 folder (JPEGImages, SegmentationClass[Aug], ImageS
         items.append((i, root/'JPEGImages'/f'{i}.jpg', _mask_or_fail(m, masks, VOC_LAYOUT)))
     return items
 
-# %% ../nbs/01_data.ipynb #f8954bdb
+# %% ../nbs/01_data.ipynb #6284861a
 CITYSCAPES_LAYOUT = '''  <root>/leftImg8bit/<split>/<city>/<city>_<seq>_<frame>_leftImg8bit.png
   <root>/gtFine/<split>/<city>/<city>_<seq>_<frame>_gtFine_labelIds.png'''
 
@@ -227,7 +220,7 @@ def cityscapes_items(root, # folder holding leftImg8bit/ and gtFine/
         items.append((i, f, _mask_or_fail(m, masks, CITYSCAPES_LAYOUT)))
     return items
 
-# %% ../nbs/01_data.ipynb #eae4e175
+# %% ../nbs/01_data.ipynb #2c5d64a4
 FOLDER_LAYOUT = '''  <root>/images/<stem>.<jpg|png|...>
   <root>/masks/<stem>.png          (class indices; palette or grayscale PNG)
   <root>/classes.yaml              (`classes: [names]` and optional `palette: [[r, g, b], ...]`, or a list of names)
@@ -271,7 +264,7 @@ def folder_items(root, # folder with images/, masks/, classes.yaml
         items.append((i, imgs[i], _mask_or_fail(root/'masks'/f'{i}.png', masks, FOLDER_LAYOUT)))
     return items
 
-# %% ../nbs/01_data.ipynb #70af4bf0
+# %% ../nbs/01_data.ipynb #b32bad6b
 def n_labeled(labeled, # fraction (float or '1/16') or count (int or '92')
               n:int # number of images in the pool
              ) -> int:
@@ -303,7 +296,7 @@ def partition(ids, # image ids of the training pool (any order; duplicates are a
     chosen = set(sorted(ids, key=lambda i: _key(seed, i))[:k])
     return [i for i in ids if i in chosen], [i for i in ids if i not in chosen]
 
-# %% ../nbs/01_data.ipynb #c1d8fa51
+# %% ../nbs/01_data.ipynb #d65a5949
 SYNTHETIC_VERSION = 1   # bump when the generator changes: it names the cache folder
 SYNTHETIC_CLASSES = ('background', 'striped_disk', 'checkered_disk', 'striped_square', 'checkered_square',
                      'striped_triangle', 'checkered_triangle')   # class = 1 + 2 * shape + texture
@@ -371,7 +364,7 @@ def synthetic_sample(index:int, split:str='train', seed:int=0, size:int=64):
     "The `index`-th scene of `split` ('train' or 'val') for `seed`, as (image, mask) arrays."
     return synthetic_scene(np.random.default_rng([seed, ('train', 'val').index(split), index]), size)
 
-# %% ../nbs/01_data.ipynb #a8c5d574
+# %% ../nbs/01_data.ipynb #fd76b602
 def _data_home() -> Path:
     return Path(os.environ.get('SEMISEG_DATA') or Path.home()/'.cache'/'semiseg')
 
@@ -409,16 +402,3 @@ def make_synthetic(root=None, # cache folder (default $SEMISEG_DATA or ~/.cache/
         if tmp.exists(): shutil.rmtree(tmp, ignore_errors=True)
     if verbose: print(f'wrote {n_train} + {n_val} images of {size} px to {dest} in {time.time() - t0:.1f} s')
     return dest
-
-# %% ../nbs/01_data.ipynb #9b68e0eb
-def infinite(loader, start_epoch:int=0):
-    "Yield batches from `loader` forever, calling `loader.sampler.set_epoch(epoch)` before each pass when available."
-    epoch = start_epoch
-    while True:
-        if hasattr(loader.sampler, 'set_epoch'): loader.sampler.set_epoch(epoch)
-        n = 0
-        for batch in loader:
-            n += 1
-            yield batch
-        if n == 0: raise ValueError('infinite: the loader yielded no batch (empty dataset, or drop_last with too few items)')
-        epoch += 1
