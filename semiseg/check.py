@@ -19,7 +19,7 @@ from . import data as D
 # %% auto #0
 __all__ = ['Problem', 'check_item', 'check_items', 'check_dataset', 'main']
 
-# %% ../nbs/17_check.ipynb #1abc299a
+# %% ../nbs/17_check.ipynb #be4e4973
 @dataclass
 class Problem:
     kind: str       # short category, e.g. 'undecodable', 'mask values', 'size mismatch'
@@ -38,8 +38,9 @@ def _open(path, what):
     except (UnidentifiedImageError, OSError, SyntaxError) as e:
         return Problem("undecodable", str(path), f"cannot decode the {what} ({e}): the file is truncated or not an image; replace it")
 
-def check_item(item, num_classes: int, label_map=None, ignore_index: int = IGNORE_INDEX, cityscapes: bool = False) -> list[Problem]:
-    "Every problem of one `(id, image_path, mask_path)` item."
+def check_item(item, num_classes: int, label_map=None, ignore_index: int = IGNORE_INDEX, cityscapes: bool = False,
+               palette=None) -> list[Problem]:
+    "Every problem of one `(id, image_path, mask_path)` item (`palette`: a folder dataset's colours, to decode colour masks)."
     _, ip, mp = item
     img = _open(ip, "image")
     probs = [img] if isinstance(img, Problem) else []
@@ -47,6 +48,15 @@ def check_item(item, num_classes: int, label_map=None, ignore_index: int = IGNOR
     m = _open(mp, "mask")
     if isinstance(m, Problem): return probs + [m]
     mode, mask = m
+    if mask.ndim == 3 and palette is not None:
+        idx = D._rgb_to_index(mask, palette)
+        lost = (idx == ignore_index) & ~(mask[..., :3] == np.asarray(palette)[ignore_index]).all(-1)
+        if lost.any():
+            cols = np.unique(mask[..., :3][lost], axis=0)[:3].tolist()
+            probs.append(Problem("unknown colours", str(mp), f"{int(lost.sum())} pixels have colours that are not in the palette "
+                                 f"of classes.yaml, e.g. {cols}: training would ignore them (255); add the colours to the "
+                                 "palette, or repaint those pixels (anti-aliased or JPEG-saved masks blend colours)"))
+        mask = idx
     if mask.ndim == 3:
         return probs + [Problem("colour mask", str(mp), f"a {mode} mask of shape {mask.shape}: masks must be palette ('P') or "
                                 "grayscale ('L') PNGs whose pixel values are class indices; convert the colours to indices "
@@ -66,16 +76,16 @@ def check_item(item, num_classes: int, label_map=None, ignore_index: int = IGNOR
                              f"and the ignore value {ignore_index}: fix the mask, or set the right number of classes"))
     return probs
 
-# %% ../nbs/17_check.ipynb #3910a46a
+# %% ../nbs/17_check.ipynb #1eab4679
 def _check_chunk(args):
-    items, nc, lmap, cs = args
-    return [p for it in items for p in check_item(it, nc, lmap, cityscapes=cs)]
+    items, nc, lmap, cs, pal = args
+    return [p for it in items for p in check_item(it, nc, lmap, cityscapes=cs, palette=pal)]
 
-def check_items(items, num_classes: int, label_map=None, cityscapes: bool = False, workers: int = 2) -> list[Problem]:
+def check_items(items, num_classes: int, label_map=None, cityscapes: bool = False, workers: int = 2, palette=None) -> list[Problem]:
     "Check all items, in `workers` processes (in this process when workers <= 1)."
     items = [tuple(map(lambda x: None if x is None else str(x), it)) for it in items]
     n = max(1, workers) * 8
-    chunks = [(items[i::n], num_classes, label_map, cityscapes) for i in range(n)]
+    chunks = [(items[i::n], num_classes, label_map, cityscapes, palette) for i in range(n)]
     if workers <= 1: return [p for c in chunks for p in _check_chunk(c)]
     with ProcessPoolExecutor(workers) as ex: return [p for ps in ex.map(_check_chunk, chunks) for p in ps]
 
@@ -106,8 +116,8 @@ def check_dataset(cfg, workers: int = 2) -> list[Problem]:
             probs.append(Problem("no unlabeled images", f"labeled={cfg.labeled}", f"method={cfg.method} is semi-supervised but "
                                  "every training image is labeled: choose a smaller labeled share or another split"))
     except (ValueError, FileNotFoundError) as e: probs.append(Problem("split", str(cfg.labeled_split or cfg.labeled), str(e)))
-    cs = cfg.dataset == "cityscapes"
-    probs += check_items(items + pools[cfg.val_split][0], nc, lmap, cs, workers)
+    cs, pal = cfg.dataset == "cityscapes", (D.read_classes(root)[1] if cfg.dataset == "folder" else None)
+    probs += check_items(items + pools[cfg.val_split][0], nc, lmap, cs, workers, pal)
     return probs
 
 # %% ../nbs/17_check.ipynb #d96abf4b

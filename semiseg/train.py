@@ -170,7 +170,7 @@ class Supervised(Method):
         return {"loss_sup": self.sup_loss(self.net(labeled["image"]), labeled["mask"])}
     def eval_model(self): return self.net
 
-# %% ../nbs/06_train.ipynb #4d79f0b9
+# %% ../nbs/06_train.ipynb #567db23f
 @dataclass
 class Data:
     labeled: torch.utils.data.Dataset
@@ -214,7 +214,8 @@ def build_data(cfg: TrainConfig) -> Data:
     by_id = {it[0]: it for it in items}
     lab, unl = split_ids(cfg, list(by_id))
     tt = train_transform(cfg.crop, cfg.scale)
-    def ds(ids, tfm): return D.SegDataset([by_id[i] for i in ids], transform=tfm, label_map=lmap, class_names=names)
+    pal = D.read_classes(root)[1] if cfg.dataset == "folder" else None    # decodes a folder dataset's colour masks
+    def ds(ids, tfm): return D.SegDataset([by_id[i] for i in ids], transform=tfm, label_map=lmap, class_names=names, palette=pal)
     labeled = ds(lab, tt)
     if cfg.pseudo_labels:  # pseudo labels are class indices already: no label_map
         pdir = Path(cfg.pseudo_labels)
@@ -224,7 +225,7 @@ def build_data(cfg: TrainConfig) -> Data:
         labeled = torch.utils.data.ConcatDataset([labeled, pseudo])
     val_items = dataset_items(cfg, cfg.val_split)[0]
     return Data(labeled, ds(unl, tt) if unl else None,
-                D.SegDataset(val_items, transform=eval_transform(), label_map=lmap, class_names=names), nc, names, fixed, root)
+                D.SegDataset(val_items, transform=eval_transform(), label_map=lmap, class_names=names, palette=pal), nc, names, fixed, root)
 
 # %% ../nbs/06_train.ipynb #14a7d5e7
 class InfiniteSampler(Sampler):
