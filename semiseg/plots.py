@@ -22,8 +22,8 @@ __all__ = ['STYLE', 'METHOD_LABELS', 'DATASET_LABELS', 'IDENTITY_KEYS', 'PAPER_R
            'results_markdown', 'label_value', 'label_text', 'paper_rows', 'split_keys', 'series_label',
            'miou_vs_labels', 'ablation_bars', 'lambda_sensitivity', 'image_miou', 'qualitative_grid',
            'qualitative_from_runs', 'pick_runs', 'training_curves', 'agreement_curve', 'pseudo_label_quality',
-           'prototype_similarity', 'similarity_grid', 'similarity_from_run', 'render_all', 'write_report', 'Viewer',
-           'viewer']
+           'prototype_similarity', 'similarity_grid', 'similarity_from_run', 'pipeline_pseudo_rows', 'render_all',
+           'write_report', 'Viewer', 'viewer']
 
 # %% ../nbs/09_plots.ipynb #bc94b80d
 STYLE = {"figure.dpi": 110, "savefig.dpi": 200, "font.size": 9, "axes.titlesize": 10, "axes.labelsize": 9,
@@ -213,7 +213,7 @@ def paper_rows(**filters) -> list[dict]:
     ok = lambda r, k, v: r.get(k) in (v if isinstance(v, (list, tuple, set)) else [v])
     return [r for r in PAPER_RESULTS if all(ok(r, k, v) for k, v in filters.items())]
 
-# %% ../nbs/09_plots.ipynb #d3311278
+# %% ../nbs/09_plots.ipynb #9b814cf8
 def _ok(rows): return [r for r in rows if r.get("status") in (None, "ok", "cached") and r.get("miou") is not None]
 
 def _order(rows, key, given=None):
@@ -234,7 +234,7 @@ def _check_paper(rows, paper):
     return paper
 
 _NOT_CONFIG = {"run", "status", "miou", "pixel_acc", "wall_s", "n_labeled", "n_unlabeled", "eval_protocol_name", "exit_status",
-               "failed_cell", "error", "out_dir", "notebook", "config", "best_miou", "pl_miou", "_series"}
+               "failed_cell", "error", "out_dir", "notebook", "config", "best_miou", "pl_miou", "_series", "stage_iters", "stage_miou"}
 _POOLED = {"seed", "out_dir", "data_root", "device", "workers", "resume", "ckpt_every", "log_every", "eval_every", "eval_batch_size", "n_show"}
 
 def _cfg(r) -> dict:
@@ -413,7 +413,7 @@ def lambda_sensitivity(table, param: str = "cps_weight", by: str = "method", val
     fig.tight_layout()
     return fig
 
-# %% ../nbs/09_plots.ipynb #3b0dcf5a
+# %% ../nbs/09_plots.ipynb #6d4026ef
 def image_miou(pred, gt, ignore: int = 255) -> float:
     "mIoU of one image over the classes present in its ground truth or prediction (ignore pixels excluded)."
     pred, gt = np.asarray(pred), np.asarray(gt)
@@ -474,7 +474,7 @@ def qualitative_from_runs(runs, n: int = 4, indices=None, device: str = "cpu"):
     return qualitative_grid(base["images"], base["gts"], preds, palette=base["palette"], class_names=base["class_names"], ids=base["ids"])
 
 def pick_runs(table, labeled=None, seed=None, methods=None) -> dict:
-    "One finished run per method at one label share (default: the smallest) and seed (default: the lowest): {label: out_dir}."
+    "One finished run per method at one label share (default: the smallest) and seed (default: the lowest): {label: run dir of its network}."
     rows = [r for r in _ok(require(table, ["method", "labeled", "out_dir"], "pick_runs")) if r.get("out_dir")]
     if not rows: raise ValueError("pick_runs: no finished runs with an out_dir")
     lab = labeled if labeled is not None else min((r["labeled"] for r in rows), key=label_value)
@@ -482,7 +482,7 @@ def pick_runs(table, labeled=None, seed=None, methods=None) -> dict:
     out = {}
     for m in _order(rows, "method", methods):
         rs = sorted((r for r in rows if r["method"] == m and (seed is None or r.get("seed") == seed)), key=lambda r: r.get("seed") or 0)
-        if rs and (Path(rs[0]["out_dir"]) / "ckpt" / "last.pt").is_file(): out[method_label(m)] = rs[0]["out_dir"]
+        if rs and (E.model_dir(rs[0]["out_dir"]) / "ckpt" / "last.pt").is_file(): out[method_label(m)] = str(E.model_dir(rs[0]["out_dir"]))
     return out
 
 # %% ../nbs/09_plots.ipynb #6c91f46d
@@ -650,7 +650,23 @@ def similarity_from_run(run_dir, cls: int | None = None, n: int = 4, device: str
     sims = prototype_similarity(model, xs[0], torch.as_tensor(masks[q]), cls, xs[1:])
     return similarity_grid(p["images"][0], masks[q], cls, p["images"][1:], sims.numpy(), class_name=ds.class_names[cls], target_masks=p["gts"][1:])
 
-# %% ../nbs/09_plots.ipynb #acbc74ca
+# %% ../nbs/09_plots.ipynb #0b8baafa
+def pipeline_pseudo_rows(table) -> list[dict]:
+    "Pseudo-label mIoU of every finished pipeline run in the table (`<out_dir>/<method>.json`): rows of method, stage, pl_miou, labeled, seed, run."
+    out = []
+    for r in _ok(as_rows(table)):
+        if r.get("method") not in E.PIPELINES or not r.get("out_dir"): continue
+        q = (E._read_json(Path(r["out_dir"]) / f"{r['method']}.json") or {}).get("pseudo") or {}
+        if isinstance(q, dict):                                       # CISC-R: named subsets
+            from semiseg.methods.ciscr import PSEUDO_BARS
+            names = dict(PSEUDO_BARS)
+            pairs = [(names.get(k, k), v) for k, v in q.items()]
+        else: pairs = [(f"round {x.get('round', i + 1)}", x.get("miou")) for i, x in enumerate(q)]   # self-training: rounds
+        out += [dict(run=r.get("run"), method=r["method"], labeled=r.get("labeled"), seed=r.get("seed"), stage=st, pl_miou=v)
+                for st, v in pairs if v is not None]
+    return out
+
+# %% ../nbs/09_plots.ipynb #b764cabd
 WEIGHT_KEYS = ("cps_weight", "cpc_weight", "mt_weight", "cons_weight", "unsup_weight", "cct_weight", "ucc_weight", "cisc_weight", "lambda_u")
 
 def _try(done, skipped, name, out_dir, make):
@@ -683,16 +699,17 @@ def render_all(table, out_dir, paper: bool = True, device: str = "cpu") -> tuple
              and any("agree_l" in m or "agree_u" in m for m in E.read_metrics(r["out_dir"])[:50])]
     if agree: _try(done, skipped, "agreement", out_dir, lambda: agreement_curve(agree))
     else: skipped["agreement"] = "no CPS-family run with agree_* records"
-    if any(r.get("pl_miou") is not None for r in rows):
-        hue = "stage" if any(r.get("stage") is not None for r in rows) else "subset"
-        _try(done, skipped, "pseudo_label_quality", out_dir, lambda: pseudo_label_quality(rows, hue=hue))
-    else: skipped["pseudo_label_quality"] = "no pl_miou column"
+    plq = [r for r in rows if r.get("pl_miou") is not None]
+    hue = "stage" if any(r.get("stage") is not None for r in plq) else "subset"
+    if not plq: plq, hue = pipeline_pseudo_rows(rows), "stage"      # the pipelines' own records
+    if plq: _try(done, skipped, "pseudo_label_quality", out_dir, lambda: pseudo_label_quality(plq, hue=hue))
+    else: skipped["pseudo_label_quality"] = "no pl_miou column and no finished pipeline run (self_training, ciscr)"
     try: picked = pick_runs(rows)
     except ValueError as e: picked, skipped["qualitative"] = {}, str(e)
     if picked:
         _try(done, skipped, "qualitative", out_dir, lambda: qualitative_from_runs(picked, n=5, device=device))
-        for r in sorted((r for r in ok if r.get("out_dir") in picked.values()), key=lambda r: -r["miou"]):
-            _try(done, skipped, "similarity", out_dir, lambda: similarity_from_run(r["out_dir"], device=device))
+        for r in sorted((r for r in ok if r.get("out_dir") and str(E.model_dir(r["out_dir"])) in picked.values()), key=lambda r: -r["miou"]):
+            _try(done, skipped, "similarity", out_dir, lambda: similarity_from_run(E.model_dir(r["out_dir"]), device=device))
             if "similarity" in done: skipped.pop("similarity", None); break      # the best run whose network exposes features
         _try(done, skipped, "training_curves", out_dir, lambda: training_curves(picked))
     elif "qualitative" not in skipped: skipped["qualitative"] = "no run with a checkpoint"
@@ -702,6 +719,12 @@ def render_all(table, out_dir, paper: bool = True, device: str = "cpu") -> tuple
     return done, skipped
 
 def _fmt(s): return f"{s['mean']:.2f}" + (f" ± {s['std']:.2f}" if s["n"] > 1 else "")
+
+def _iters_text(r):
+    "A row's iterations: `N`, or `3 × N` (`a + b + c` if they differ) for a pipeline's stages."
+    si = r.get("stage_iters")
+    if si and len(si) > 1: return f"{len(si)} × {si[0]}" if len(set(si)) == 1 else " + ".join(map(str, si))
+    return r.get("iters") or _cfg(r).get("iters")
 
 def write_report(table, out_dir, figures: dict | None = None, title: str = "semiseg results", notes: str = "") -> Path:
     "A markdown report in `out_dir/report.md`: mIoU per method and label share, gain over supervised, budget, failures, figures."
@@ -713,7 +736,7 @@ def write_report(table, out_dir, figures: dict | None = None, title: str = "semi
     st = E.summarize(ok, by=("_series", "labeled"))
     for x in st: x["method"] = x["_series"].split(", ")[0]
     wall = {(s["_series"], s["labeled"]): s for s in E.summarize(ok, by=("_series", "labeled"), value="wall_s")}
-    iters = {(r["_series"], r["labeled"]): r.get("iters") or _cfg(r).get("iters") for r in ok}
+    iters = {(r["_series"], r["labeled"]): _iters_text(r) for r in ok}
     sup = {s["labeled"]: s for s in st if s["_series"] == "supervised"}
     ds = sorted({DATASET_LABELS.get(str(r.get("dataset")), str(r.get("dataset"))) for r in rows if r.get("dataset")})
     L = [f"# {title}", "", f"Dataset: {', '.join(ds) or '?'}. mIoU in % on the validation set, mean ± std over seeds "

@@ -1,6 +1,6 @@
 """The experiment layer end to end: the papermill template with a real kernel, a 2×2 sweep with one failing run,
-every figure type from a small results table, and the figures template."""
-import json, subprocess, sys
+a sweep of both pipelines, a sweep of variants, every figure type from a small results table, and the figures template."""
+import ast, json, subprocess, sys
 from pathlib import Path
 import numpy as np
 import pytest
@@ -37,6 +37,9 @@ def test_template_parameters_match_the_module():
     assert list(params) == list(E.TEMPLATE_PARAMS)
     for name, p in params.items():
         assert p["inferred_type_name"] != "None" and p["help"], f"parameter {name} lacks a type or a comment"
+    from semiseg.train import TrainConfig
+    for k in ("optimizer", "lr", "crop", "batch_size", "output_stride"):                  # semiseg-train's defaults
+        assert ast.literal_eval(params[k]["default"]) == getattr(TrainConfig, k), k
 
 
 def test_template_through_papermill(template_run):
@@ -80,11 +83,102 @@ def test_sweep_2x2_with_a_failing_run(bench, tmp_path):
     assert {"miou", "iou_striped_disk", "wall_s", "error", "failed_cell", "exit_status", "config"} <= set(header)
 
 
+def test_sweep_pipelines(bench, tmp_path):
+    # self-training (1 round: 2 stages) and CISC-R (3 stages) as runs of a sweep; the notebook runner hands them to the CLI
+    grid = [{"method": ["self_training"], "rounds": [1]}, {"method": ["ciscr"]}]
+    base = dict(TINY, data_root=str(bench), iters=4, eval_every=0)
+    rows = E.sweep(grid, base, out_root=tmp_path / "sweep", jobs=2, runner="notebook", verbose=False)
+    assert [(r["run"], r["status"]) for r in rows] == [("self_training-8-s0-rounds1", "ok"), ("ciscr-8-s0", "ok")], rows
+    st, ci = rows
+    for row, final, n in ((st, "stage1", 2), (ci, "stage3", 3)):
+        d = Path(row["out_dir"])
+        res, last = (json.loads((d / f).read_text()) for f in ("results.json", f"{final}/results.json"))
+        assert res["miou"] == last["miou"] and res["per_class_iou"] == last["per_class_iou"]            # the final stage's results
+        assert row["miou"] == pytest.approx(last["miou"], abs=1e-6) and row["pixel_acc"] == pytest.approx(last["pixel_acc"], abs=1e-6)
+        assert (res["method"], res["iters"], res["stage_iters"], res["final_stage"]) == (row["config"]["method"], 4 * n, [4] * n, final)
+        assert row["stage_iters"] == [4] * n and row["stage_miou"][-1] == pytest.approx(last["miou"], abs=1e-6) and row["notebook"] is None
+        summary = json.loads((d / f"{row['config']['method']}.json").read_text())
+        assert res["pipeline"]["pseudo"] == summary["pseudo"]
+        assert E.model_dir(d) == d / final
+    st_pl = json.loads((Path(st["out_dir"]) / "results.json").read_text())["pipeline"]["pseudo"]
+    assert st["config"]["rounds"] == 1 and st["config"]["stage_method"] == "supervised"
+    assert len(st_pl) == 1 and 0 <= st_pl[0]["miou"] <= 100
+    assert set(json.loads((Path(ci["out_dir"]) / "results.json").read_text())["pipeline"]["pseudo"]) == {
+        "m0_all", "m0_reliable", "m0_unreliable", "m1_unreliable", "after_all"}
+    again = E.sweep(grid, base, out_root=tmp_path / "sweep", runner="cli", verbose=False)      # finished: cached, same numbers
+    assert [(r["status"], r["miou"]) for r in again] == [("cached", st["miou"]), ("cached", ci["miou"])]
+    assert [r["run"] for r in E.load_results(tmp_path / "sweep")] == ["ciscr-8-s0", "self_training-8-s0-rounds1"]  # stages: no rows
+    table = E.load_results(tmp_path / "sweep" / "results.csv")
+    assert [r["stage_iters"] for r in table] == [[4, 4], [4, 4, 4]]
+    done, skipped = P.render_all(table, tmp_path / "figures", paper=False)
+    assert {"pseudo_label_quality", "qualitative", "methods"} <= set(done), skipped
+    plr = P.pipeline_pseudo_rows(table)
+    assert [(r["method"], r["stage"]) for r in plr][:2] == [("self_training", "round 1"), ("ciscr", "M0, all")]
+    assert plr[0]["pl_miou"] == pytest.approx(st_pl[0]["miou"])
+    report = P.write_report(table, tmp_path, figures=done).read_text()
+    assert "| 2 × 4 |" in report and "| 3 × 4 |" in report, report
+
+
+def test_sweep_variants(bench, tmp_path):
+    variants = {"plain": {"ohem": False}, "+OHEM": {"ohem": True, "ohem_min_kept": 64}}
+    rows = E.sweep({"method": ["supervised"]}, dict(TINY, data_root=str(bench), iters=4, eval_every=0), out_root=tmp_path / "sweep",
+                   jobs=2, runner="cli", verbose=False, variants=variants)
+    assert [(r["run"], r["status"], r["variant"]) for r in rows] == [
+        ("supervised-8-s0-variantplain", "ok", "plain"), ("supervised-8-s0-variant+OHEM", "ok", "+OHEM")]
+    for r in rows:
+        cfg = json.loads((Path(r["out_dir"]) / "config.json").read_text())
+        assert (cfg["ohem"], cfg["ohem_min_kept"]) == ((True, 64) if r["variant"] == "+OHEM" else (False, 100_000))
+        assert r["config"]["ohem"] == cfg["ohem"] and "variant" not in cfg
+    header = (tmp_path / "sweep" / "results.csv").read_text().splitlines()[0].split(",")
+    assert header[:7] == ["run", "status", "method", "dataset", "labeled", "seed", "variant"] and "ohem" in header
+    table = E.load_results(tmp_path / "sweep" / "results.csv")
+    assert [(r["variant"], r["ohem"], r["miou"]) for r in table] == [("plain", False, rows[0]["miou"]), ("+OHEM", True, rows[1]["miou"])]
+    done, skipped = P.render_all(table, tmp_path / "figures", paper=False)
+    assert "ablation" in done, skipped
+    images_ok(done["ablation"])
+
+
+def test_render_all_pseudo_labels_from_pipeline_summaries(tmp_path):
+    # what the pipelines write (no training): ciscr.json with named subsets, self_training.json with one entry per round
+    runs = {("ciscr", 0): dict(stages={}, pseudo=dict(m0_all=60.0, m0_reliable=70.0, m0_unreliable=48.0, m1_unreliable=55.0, after_all=63.0)),
+            ("ciscr", 1): dict(stages={}, pseudo=dict(m0_all=62.0, m0_reliable=72.0, m0_unreliable=50.0, m1_unreliable=57.0, after_all=65.0)),
+            ("self_training", 0): dict(stages=[], pseudo=[dict(round=1, miou=58.0, coverage=100.0), dict(round=2, miou=61.0, coverage=100.0)])}
+    rows = []
+    for (m, s), summary in runs.items():
+        d = tmp_path / f"{m}-s{s}"; d.mkdir()
+        (d / f"{m}.json").write_text(json.dumps(summary))
+        rows.append(dict(run=d.name, status="ok", method=m, dataset="synthetic", labeled="1/16", seed=s, miou=40.0 + s, out_dir=str(d),
+                         stage_iters=[10] * 3, config=dict(method=m, seed=s)))
+    rows.append(dict(run="ciscr-broken", status="failed", method="ciscr", labeled="1/16", seed=2, miou=None, out_dir=str(tmp_path / "ciscr-s0")))
+    table = E.load_results(E.write_csv(rows, tmp_path / "results.csv"))
+    plr = P.pipeline_pseudo_rows(table)
+    got = {(r["method"], r["stage"], r["seed"]): r["pl_miou"] for r in plr}
+    assert len(plr) == 12 and got[("ciscr", "M0, reliable", 1)] == 72.0 and got[("ciscr", "after, all", 0)] == 63.0
+    assert got[("self_training", "round 2", 0)] == 61.0
+    done, skipped = P.render_all(table, tmp_path / "figures", paper=False)
+    assert "pseudo_label_quality" in done, skipped
+    images_ok(done["pseudo_label_quality"])
+    fig = P.pseudo_label_quality(plr, hue="stage")                                       # what render_all drew: means over seeds
+    assert sorted(round(p.get_height(), 2) for p in fig.axes[0].patches) == [49.0, 56.0, 58.0, 61.0, 61.0, 64.0, 71.0]
+    report = P.write_report(table, tmp_path, figures=done).read_text()
+    assert "| CISC-R (`ciscr`) | 1/16 | 2 | 40.50 ± 0.71 |" in report and report.count("| 3 × 10 |") == 2, report
+
+
 def test_sweep_cli_dry_run():
     p = subprocess.run([sys.executable, "-m", "semiseg.experiments", "method=supervised,cps", "labeled=1/16,1/8", "iters=5",
                         "--dry-run"], capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
     assert [l.split()[0] for l in p.stdout.splitlines()] == ["supervised-1of16-s0", "supervised-1of8-s0", "cps-1of16-s0", "cps-1of8-s0"]
+
+
+def test_sweep_cli_variants_dry_run(tmp_path):
+    f = tmp_path / "ablation.yaml"
+    f.write_text("base: {method: ucc, iters: 5}\ngrid: {seed: [0, 1]}\nvariants:\n  plain: {ws: false, ugrm: false}\n  +WS: {ws: true, ugrm: false}\n")
+    p = subprocess.run([sys.executable, "-m", "semiseg.experiments", str(f), "--dry-run"], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    lines = [l.split(" ", 1) for l in p.stdout.splitlines()]
+    assert [n for n, _ in lines] == ["ucc-1of16-s0-variantplain", "ucc-1of16-s0-variant+WS", "ucc-1of16-s1-variantplain", "ucc-1of16-s1-variant+WS"]
+    assert [(json.loads(r)["variant"], json.loads(r)["ws"]) for _, r in lines][:2] == [("plain", False), ("+WS", True)]
 
 
 @pytest.fixture(scope="module")
