@@ -266,15 +266,15 @@ def stream(ds, batch: int, seed: int, rank: int = 0, world_size: int = 1, start_
                     generator=torch.Generator().manual_seed(seed))
     return iter(dl)
 
-# %% ../nbs/06_train.ipynb #aeda11c0
+# %% ../nbs/06_train.ipynb #ee14712f
 def base_lr(cfg: TrainConfig) -> float:
     "The learning rate after the explicit linear scaling rule (if `lr_ref_batch` is set)."
     return cfg.lr * cfg.batch_size / cfg.lr_ref_batch if cfg.lr_ref_batch else cfg.lr
 
 def make_optimizer(cfg: TrainConfig, groups: list[dict]) -> torch.optim.Optimizer:
     for g in groups: g["initial_lr"] = g["lr"]
-    if cfg.optimizer == "sgd": return torch.optim.SGD(groups, lr=base_lr(cfg), momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    if cfg.optimizer == "adamw": return torch.optim.AdamW(groups, lr=base_lr(cfg), weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "sgd": return torch.optim.SGD(groups, lr=base_lr(cfg), momentum=cfg.momentum, weight_decay=cfg.weight_decay, fused=True)
+    if cfg.optimizer == "adamw": return torch.optim.AdamW(groups, lr=base_lr(cfg), weight_decay=cfg.weight_decay, fused=True)
     raise ValueError(f"unknown optimizer '{cfg.optimizer}': {nearest(cfg.optimizer, ['sgd', 'adamw'])}")
 
 def set_poly_lr(opt: torch.optim.Optimizer, it: int, iters: int, power: float = 0.9):
