@@ -92,7 +92,7 @@ def get_method(name: str):
     if name not in METHODS: raise ValueError(f"unknown method '{name}': {nearest(name, METHODS)}")
     return METHODS[name]
 
-# %% ../nbs/00_core.ipynb #bd8e8ee2
+# %% ../nbs/00_core.ipynb #58024b8b
 def atomic_save(obj, path):
     "`torch.save` `obj` to `path` atomically: temp file + fsync + rename."
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
@@ -101,6 +101,7 @@ def atomic_save(obj, path):
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f); f.flush(); os.fsync(f.fileno())
         os.replace(tmp, path)
+        for stale in path.parent.glob(f".{path.name}.*.tmp"): stale.unlink(missing_ok=True)  # left by a writer killed mid-save
     except BaseException:
         if os.path.exists(tmp): os.unlink(tmp)
         raise

@@ -21,3 +21,5 @@ def test_kill_during_save_keeps_previous_checkpoint(tmp_path):
     p.send_signal(signal.SIGKILL); p.wait()
     assert load_checkpoint(ck)["it"] in (1, 2)  # the old file, or a complete new one: never a torn one
     if load_checkpoint(ck)["it"] == 1: assert torch.equal(load_checkpoint(ck)["w"], torch.ones(3))
+    atomic_save({"it": 3}, ck)  # the next save also removes the killed writer's orphaned temp file
+    assert load_checkpoint(ck)["it"] == 3 and not list(tmp_path.glob(".last.pt.*.tmp"))
