@@ -129,7 +129,7 @@ def parse_args(argv: list[str]) -> dict:
             d.update(loaded)
     return d
 
-# %% ../nbs/06_train.ipynb #cf799f3f
+# %% ../nbs/06_train.ipynb #c0664033
 class Method(nn.Module):
     "Base class: owns the networks, turns batches into named losses. Subclasses set `Options` and `needs_unlabeled`."
     needs_unlabeled: int = 0          # independent unlabeled batches per step (CutMix: 2); may be set per instance from options
@@ -152,6 +152,9 @@ class Method(nn.Module):
     def forward(self, labeled: dict, unlabeled: list | None, it: int) -> dict: raise NotImplementedError
     def eval_model(self) -> nn.Module: raise NotImplementedError
     def after_step(self, it: int): pass
+    def unlabeled_count(self, data) -> int:
+        "Unlabeled images the method trains on, for results.json (a method with its own unlabeled stream overrides it)."
+        return len(data.unlabeled) if self.needs_unlabeled and data.unlabeled is not None else 0
 
     def param_groups(self, lr: float, head_lr_mult: float) -> list[dict]:
         "Backbone parameters at `lr`, all others at `lr * head_lr_mult`."
@@ -310,7 +313,7 @@ def stop_requests(signals=(signal.SIGTERM, signal.SIGINT)):
     finally:
         for s, h in old.items(): signal.signal(s, h)
 
-# %% ../nbs/06_train.ipynb #3b871898
+# %% ../nbs/06_train.ipynb #4c80f3a0
 def _amp_dtype(cfg: TrainConfig, device: torch.device):
     a = "fp16" if cfg.amp == "auto" and device.type == "cuda" else ("off" if cfg.amp == "auto" else cfg.amp)
     return {"off": None, "fp16": torch.float16, "bf16": torch.bfloat16}[a]
@@ -445,7 +448,7 @@ def train(cfg: TrainConfig | None = None, opts=None, **kw) -> dict:
     r = evaluate_now()
     if r["miou"] > best and cfg.eval_every: best = r["miou"]; save(cfg.iters, "best.pt")
     results = dict(method=cfg.method, dataset=cfg.dataset, labeled=cfg.labeled, n_labeled=len(data.labeled),
-                   n_unlabeled=len(data.unlabeled) if method.needs_unlabeled else 0, iters=cfg.iters, seed=cfg.seed,
+                   n_unlabeled=method.unlabeled_count(data), iters=cfg.iters, seed=cfg.seed,
                    eval_protocol=r["eval_protocol"], miou=r["miou"], per_class_iou=r["per_class_iou"],
                    pixel_acc=r["pixel_acc"], best_miou=max(best, r["miou"]) if cfg.eval_every else None,
                    class_names=data.class_names, wall_s=time.time() - t0, out_dir=str(out))

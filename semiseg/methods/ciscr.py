@@ -210,7 +210,7 @@ def select_reliable(net: nn.Module, labeled, unlabeled, num_classes: int,  # dat
     reliable, unreliable = smaller_half(d_unl)
     return dict(query=query, reliable=reliable, unreliable=unreliable, d_unlabeled=d_unl, d_labeled=d_lab)
 
-# %% ../../nbs/16_ciscr.ipynb #f36541d4
+# %% ../../nbs/16_ciscr.ipynb #6b24aa52
 def load_net(path, device="cpu") -> nn.Module:
     "The segmentation network `.net` of a training checkpoint (architecture from its config), frozen, in eval mode."
     ck = load_checkpoint(path)
@@ -328,6 +328,7 @@ class CISCRectify(Method):
                 "weight": (1 - (p["map"].float() - s_full).abs()).mean(), "queried": (p["cls"] >= 0).float().mean()}
 
     def eval_model(self): return self.net
+    def unlabeled_count(self, data) -> int: return len(self.pairs_dataset())   # its own stream of pseudo-labeled images
 
 # %% ../../nbs/16_ciscr.ipynb #d29d65f9
 TTA = dict(protocol="msf", scales=(0.5, 0.75, 1.0, 1.5, 2.0), flip=True)  # CISC-R's labelling protocol
