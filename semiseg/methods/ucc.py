@@ -270,7 +270,7 @@ class HeadView(nn.Module):
             return ((a.softmax(1) + b.softmax(1)) / 2).clamp(min=1e-12).log()
         return self.net(x, heads=(int(self.which) - 1,))[0]
 
-# %% ../../nbs/15_ucc.ipynb #15628a6a
+# %% ../../nbs/15_ucc.ipynb #915f7392
 PASTE_MODES = ("none", "cp", "dcp", "cscp", "dcscp")  # Table 5: D = dynamic class sampling, CS = cross-set targets
 
 def _ids(s: str) -> tuple:
@@ -363,10 +363,10 @@ class UCC(Method):
         if o.ws:
             if o.pseudo_view == "weak":
                 with torch.no_grad(): teacher = self.net(xu)
-            s1 = strong_augment(xu, o.strong_n, self.ops)
-            views = [s1] if o.strong_shared else [s1, strong_augment(xu, o.strong_n, self.ops)]
-            rows = [torch.cat([ar(b), ar(bu, b + bu * (m if len(views) == 2 else 0))]) for m in (0, 1)]
-            out = self.net(torch.cat([x, *views]), rows)
+            n_views = 1 if o.strong_shared else 2                            # each head its own strong view, drawn in one call
+            views = strong_augment(xu.repeat(n_views, 1, 1, 1), o.strong_n, self.ops)
+            rows = [torch.cat([ar(b), ar(bu, b + bu * (m if n_views == 2 else 0))]) for m in (0, 1)]
+            out = self.net(torch.cat([x, views]), rows)
         else:
             out = self.net(torch.cat([x, xu]))
         sup = [lo[:b] for lo in out]
