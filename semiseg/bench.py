@@ -77,7 +77,7 @@ def loader_batches_per_s(batches: int = 100, batch: int = 8, workers: int = 2, d
     for _ in range(batches): next(it)
     return batches / (time.perf_counter() - t)
 
-# %% ../nbs/07_bench.ipynb #33122085
+# %% ../nbs/07_bench.ipynb #87ace6fb
 def _one(method: str, batch: int, batch_u: int, size: int, device: str, backbone: str = "tiny") -> dict:
     load_methods()
     dev = get_device(device)
@@ -94,7 +94,7 @@ def run_benchmark(methods=None, batch: int = 8, batch_u: int = 8, size: int = 64
     load_methods()
     methods = list(methods or sorted(METHODS))
     res = {}
-    for m in ["bare", *methods]:
+    for m in ["bare", *dict.fromkeys(["supervised", *methods])]:   # supervised: the reference of every ratio
         p = subprocess.run([sys.executable, "-m", "semiseg.bench", "--one", m, "--batch", str(batch),
                             "--batch-u", str(batch_u), "--size", str(size), "--device", device, "--backbone", backbone],
                            capture_output=True, text=True)

@@ -225,7 +225,7 @@ def weighted_ce(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor
     u = (target != IGNORE_INDEX).to(ce) if weight is None else weight.detach().to(ce) * (target != IGNORE_INDEX)
     return ((u * ce).flatten(1).sum(1) / u.flatten(1).sum(1).clamp(min=eps)).mean()
 
-# %% ../../nbs/15_ucc.ipynb #82552a98
+# %% ../../nbs/15_ucc.ipynb #3b87343f
 class CrossHeadNet(nn.Module):
     "Two DeepLabv3+ heads on one shared backbone (`cross='model'`: two backbones, i.e. two full networks)."
     def __init__(self, nets: list, # two `DeepLabV3Plus` (different initialisations)
@@ -247,7 +247,7 @@ class CrossHeadNet(nn.Module):
         return F.interpolate(self.classifiers[m](feats), size=tuple(size), mode="bilinear", align_corners=True)
 
     def forward(self, x, rows=None, heads=(0, 1)) -> list:
-        "Logits of each head in `heads` on x[rows[k]] (all of x when rows is None); a shared backbone runs once."
+        "Logits of each head in `heads` on x[rows[k]] (index tensors or slices; all of x when None); a shared backbone runs once."
         rows = rows if rows is not None else [None] * len(heads)
         if len(self.backbones) == 1:
             f = self.backbones[0](x)
@@ -270,7 +270,7 @@ class HeadView(nn.Module):
             return ((a.softmax(1) + b.softmax(1)) / 2).clamp(min=1e-12).log()
         return self.net(x, heads=(int(self.which) - 1,))[0]
 
-# %% ../../nbs/15_ucc.ipynb #915f7392
+# %% ../../nbs/15_ucc.ipynb #3141291b
 PASTE_MODES = ("none", "cp", "dcp", "cscp", "dcscp")  # Table 5: D = dynamic class sampling, CS = cross-set targets
 
 def _ids(s: str) -> tuple:
@@ -359,18 +359,20 @@ class UCC(Method):
             return dict(loss_sup=loss_sup, loss_u_1to2=z, loss_u_2to1=z, agree=z, teach_1to2=z, pasted_u=z,
                         conf_min=self.conf.value.min())
         b, bu = len(x), len(xu)
-        ar = lambda n, off=0: torch.arange(off, off + n, device=x.device)
         if o.ws:
             if o.pseudo_view == "weak":
                 with torch.no_grad(): teacher = self.net(xu)
-            n_views = 1 if o.strong_shared else 2                            # each head its own strong view, drawn in one call
-            views = strong_augment(xu.repeat(n_views, 1, 1, 1), o.strong_n, self.ops)
-            rows = [torch.cat([ar(b), ar(bu, b + bu * (m if n_views == 2 else 0))]) for m in (0, 1)]
-            out = self.net(torch.cat([x, views]), rows)
+            if o.strong_shared:                                               # one strong view S for both heads
+                out = self.net(torch.cat([x, strong_augment(xu, o.strong_n, self.ops)]))
+                sup, student = [lo[:b] for lo in out], [lo[b:] for lo in out]
+            else:                                                             # each head its own, drawn in one call
+                s1, s2 = strong_augment(xu.repeat(2, 1, 1, 1), o.strong_n, self.ops).chunk(2)
+                # batch [S_1; x; S_2]: head 1 reads rows [S_1; x], head 2 rows [x; S_2], contiguous slices (no copies)
+                out = self.net(torch.cat([s1, x, s2]), [slice(0, bu + b), slice(bu, 2 * bu + b)])
+                sup, student = [out[0][bu:], out[1][:b]], [out[0][:bu], out[1][b:]]
         else:
             out = self.net(torch.cat([x, xu]))
-        sup = [lo[:b] for lo in out]
-        student = [lo[b:] for lo in out]
+            sup, student = [lo[:b] for lo in out], [lo[b:] for lo in out]
         if not o.ws or o.pseudo_view == "strong": teacher = [s.detach() for s in student]
         prob = [t.float().softmax(1) for t in teacher]
         w, q = zip(*[p.max(1) for p in prob])
