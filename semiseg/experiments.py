@@ -669,7 +669,7 @@ def demo(out_root="runs/demo", methods=None, labeled="1/16", seeds=(0,), budget_
     print(f"demo done in {time.time() - t0:.0f} s: {out_root / 'report.md'}")
     return out_root / "report.md"
 
-# %% ../nbs/08_experiments.ipynb #e8829457
+# %% ../nbs/08_experiments.ipynb #3bb3d272
 def parse_sweep_args(items: list[str]) -> tuple[dict, dict, dict]:
     "(grid, base, settings) from YAML files and key=v1,v2 arguments."
     grid, base, settings = {}, {}, {}
@@ -719,9 +719,9 @@ def main(argv: list[str] | None = None):
              budget_s=a.budget, jobs=a.jobs or 2, iters=a.iters, runner=a.runner or "auto")
         return 0
     grid, base, st = parse_sweep_args(a.items)
-    if not grid: grid = {"method": [base.pop("method", "supervised")]}
-    out = a.out or st.get("out") or "runs/sweep"
     variants = st.get("variants")
+    if not grid and not variants: grid = {"method": [base.pop("method", "supervised")]}   # a variant may set the method itself
+    out = a.out or st.get("out") or "runs/sweep"
     if a.dry_run:
         g = with_variants(grid, variants)
         for r in expand_grid(g, base, variants): print(run_name(r, grid_keys(g)), json.dumps(r, default=str))
