@@ -576,7 +576,7 @@ def sweep(grid, base: dict | None = None, out_root="runs/sweep", jobs: int = 1, 
         raise
     return load_results(out_root / csv_name)
 
-# %% ../nbs/08_experiments.ipynb #02b13538
+# %% ../nbs/08_experiments.ipynb #97ba3d7e
 DEMO_METHODS = ("supervised", "cps", "cps_cutmix", "cpc", "sps", "mt", "cutmix_seg", "fixmatch", "cct", "ucc", "self_training", "ciscr")
 # a demo run of a pipeline, in what `demo` can time: method steps per iteration (summed over the stages), stages, TTA-labelled
 # images per unlabeled image (self-training labels whole images, a second or two: not counted)
@@ -634,6 +634,10 @@ def demo(out_root="runs/demo", methods=None, labeled="1/16", seeds=(0,), budget_
     if missing: print(f"not registered (skipped): {', '.join(missing)}")
     root = make_synthetic(verbose=True)
     cost = {m: PIPELINE_COST.get(m, dict(steps={m: 1.0}, stages=1, tta_passes=0.0)) for m in methods}
+    plan = out_root / "demo_plan.json"                    # a rerun keeps the first run's iterations: finished runs are reused
+    if iters is None and plan.is_file():
+        iters = _read_json(plan)["iters"]
+        print(f"{plan}: {iters} iterations per stage, as planned by the first `make demo` (delete the folder to plan anew)")
     if iters is None:
         from semiseg.bench import method_step_s
         measured = {x: method_step_s(x, iters=5, warmup=2) for c in cost.values() for x in c["steps"]}
@@ -648,6 +652,7 @@ def demo(out_root="runs/demo", methods=None, labeled="1/16", seeds=(0,), budget_
               + "".join(f"; {m} pseudo-labelling ~{v:.0f} s" for m, v in fixed.items()) + f" -> {iters} iterations per stage")
     base = dict(dataset="synthetic", data_root=str(root), labeled=labeled, iters=iters, optimizer="adamw", lr=0.002,
                 workers=1, n_show=4, log_every=max(1, iters // 25))
+    _write_json(plan, dict(iters=iters, budget_s=budget_s))
     rows = sweep({"method": methods, "seed": list(seeds)}, base, out_root=out_root, jobs=jobs, runner=runner)
     multi = [f"{m} {c['stages']} stages ({c['stages']} × {iters} iterations)" for m, c in cost.items() if c["stages"] > 1]
     notes = (f"CPU demo: {len(methods)} methods × {len(seeds)} seed(s) at {labeled} labels of the embedded benchmark "
