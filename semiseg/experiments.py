@@ -576,7 +576,7 @@ def sweep(grid, base: dict | None = None, out_root="runs/sweep", jobs: int = 1, 
         raise
     return load_results(out_root / csv_name)
 
-# %% ../nbs/08_experiments.ipynb #97ba3d7e
+# %% ../nbs/08_experiments.ipynb #457ed523
 DEMO_METHODS = ("supervised", "cps", "cps_cutmix", "cpc", "sps", "mt", "cutmix_seg", "fixmatch", "cct", "ucc", "self_training", "ciscr")
 # a demo run of a pipeline, in what `demo` can time: method steps per iteration (summed over the stages), stages, TTA-labelled
 # images per unlabeled image (self-training labels whole images, a second or two: not counted)
@@ -607,16 +607,17 @@ def plan_demo(step_s: dict, seeds, budget_s: float, jobs: int = 1, overhead_s: f
     it = train_s / (factor * sum(step_s.values()) * len(seeds))      # CPU-bound: parallel runs share the cores
     return int(max(min_iters, min(max_iters, 50 * (it // 50))))
 
-def tta_image_s(n: int = 8, size: int = 64) -> float:
-    "Seconds to pseudo-label one image with CISC-R's multi-scale + flip TTA (the tiny network, random weights, random images)."
+def tta_image_s(n: int = 8, size: int = 64, scale=None) -> float:
+    "Seconds to pseudo-label one image with CISC-R's TTA for a run trained at `scale` (the tiny network, random weights, random images)."
     import torch
     from semiseg.models import build_model
     from semiseg.metrics import predict
-    from semiseg.methods.ciscr import TTA
+    from semiseg.methods.ciscr import TTA, tta_scales
     net, x = build_model(7, backbone="tiny").eval(), torch.randn(n, 3, size, size)
+    kw = {**TTA, "scales": tta_scales(scale)}
     with torch.no_grad():
-        predict(net, x[:2], **TTA)                                   # warm-up
-        t = time.time(); predict(net, x, **TTA)
+        predict(net, x[:2], **kw)                                    # warm-up
+        t = time.time(); predict(net, x, **kw)
     return (time.time() - t) / n
 
 def demo(out_root="runs/demo", methods=None, labeled="1/16", seeds=(0,), budget_s: float = 780, jobs: int = 2,

@@ -28,7 +28,7 @@ from .self_training import write_pseudo_labels, pseudo_label_miou, unlabeled_dat
 __all__ = ['GAP_EPS', 'TTA', 'STEPS', 'BEST_WARNING', 'PSEUDO_BARS', 'masked_average_pool', 'cisc_map', 'rectified_ce',
            'skip_classes', 'present_classes', 'query_index', 'query_candidates', 'pair_in_batch', 'cisc_pair_loss',
            'CISCStage1', 'class_anchors', 'cisc_distance', 'smaller_half', 'select_reliable', 'load_net', 'QueryPairs',
-           'CISCRectify', 'pseudo_label', 'run_ciscr', 'plot_pseudo_quality', 'main']
+           'CISCRectify', 'tta_scales', 'pseudo_label', 'run_ciscr', 'plot_pseudo_quality', 'main']
 
 # %% ../../nbs/16_ciscr.ipynb #7fe795e8
 GAP_EPS = 5e-4  # added to the mask area in the masked average pooling (official `Weighted_GAP`)
@@ -330,15 +330,21 @@ class CISCRectify(Method):
     def eval_model(self): return self.net
     def unlabeled_count(self, data) -> int: return len(self.pairs_dataset())   # its own stream of pseudo-labeled images
 
-# %% ../../nbs/16_ciscr.ipynb #d29d65f9
+# %% ../../nbs/16_ciscr.ipynb #d076821a
 TTA = dict(protocol="msf", scales=(0.5, 0.75, 1.0, 1.5, 2.0), flip=True)  # CISC-R's labelling protocol
 
-def pseudo_label(net: nn.Module, dataset, out_dir, tta: bool = True, device=None, workers: int = 0) -> dict:
-    "Write `<out_dir>/<id>.png` (argmax of the TTA mean softmax, or a whole-image prediction) for images not yet labelled."
-    kw = TTA if tta else dict(protocol="whole")
+def tta_scales(scale=None) -> tuple:
+    "The TTA scales within a run's training `scale` range (None: no rescaling, scale 1 only)."
+    lo, hi = (1.0, 1.0) if scale is None else (min(scale), max(scale))
+    return tuple(s for s in TTA["scales"] if lo - 1e-9 <= s <= hi + 1e-9 or s == 1.0)
+
+def pseudo_label(net: nn.Module, dataset, out_dir, tta: bool = True, device=None, workers: int = 0,
+                 scales=TTA["scales"]) -> dict:
+    "Write `<out_dir>/<id>.png` (argmax of the TTA mean softmax over `scales` × flip, or a whole-image prediction) for images not yet labelled."
+    kw = {**TTA, "scales": tuple(scales)} if tta else dict(protocol="whole")
     return write_pseudo_labels(net, dataset, out_dir, device=device, workers=workers, resume=True, **kw)
 
-# %% ../../nbs/16_ciscr.ipynb #06aa6bb8
+# %% ../../nbs/16_ciscr.ipynb #2c510f19
 STEPS = ("stage1", "pseudo0", "select", "stage2", "pseudo1", "stage3")
 BEST_WARNING = ("model_select=best: each stage's teacher / labeller is its best checkpoint on the VALIDATION set (as the "
                 "CISC-R code does). The validation labels then steer training: the reported mIoU is optimistic.")
@@ -412,8 +418,8 @@ def run_ciscr(out_dir,
     p0 = out / "pseudo0"
     if not (p0 / "pseudo.json").is_file():
         t = time.time()
-        w = pseudo_label(load_net(_ckpt(out / "stage1", model_select), device), unl, p0, tta, device)
-        write_json(p0 / "pseudo.json", dict(source="stage1", tta=tta, **pseudo_label_miou(unl, p0, nc), wall_s=time.time() - t))
+        w = pseudo_label(load_net(_ckpt(out / "stage1", model_select), device), unl, p0, tta, device, scales=tta_scales(cfg.scale))
+        write_json(p0 / "pseudo.json", dict(source="stage1", tta=tta, scales=tta_scales(cfg.scale) if tta else None, **pseudo_label_miou(unl, p0, nc), wall_s=time.time() - t))
         ran.append("pseudo0"); log(f"[ciscr] pseudo0: {w['written']} labels written ({w['skipped']} kept)")
     summary["pseudo"]["m0_all"] = json.loads((p0 / "pseudo.json").read_text())["miou"]
     if until == "pseudo0": return finish()
@@ -447,7 +453,7 @@ def run_ciscr(out_dir,
         t = time.time()
         for i in D.read_split(sd / "reliable.txt"): _copy(p0 / f"{i}.png", p1 / f"{i}.png")
         unrel = _subset(unl, D.read_split(sd / "unreliable.txt"))
-        w = pseudo_label(load_net(_ckpt(out / "stage2", model_select), device), unrel, p1, tta, device)
+        w = pseudo_label(load_net(_ckpt(out / "stage2", model_select), device), unrel, p1, tta, device, scales=tta_scales(cfg.scale))
         write_json(p1 / "pseudo.json", dict(source="stage2 (unreliable) + pseudo0 (reliable)", tta=tta,
                                             m1_unreliable=pseudo_label_miou(unrel, p1, nc)["miou"],
                                             **pseudo_label_miou(unl, p1, nc), wall_s=time.time() - t))
