@@ -675,7 +675,7 @@ def demo(out_root="runs/demo", methods=None, labeled="1/16", seeds=(0,), budget_
     print(f"demo done in {time.time() - t0:.0f} s: {out_root / 'report.md'}")
     return out_root / "report.md"
 
-# %% ../nbs/08_experiments.ipynb #3bb3d272
+# %% ../nbs/08_experiments.ipynb #aa665710
 def parse_sweep_args(items: list[str]) -> tuple[dict, dict, dict]:
     "(grid, base, settings) from YAML files and key=v1,v2 arguments."
     grid, base, settings = {}, {}, {}
@@ -719,7 +719,7 @@ def main(argv: list[str] | None = None):
     ap.add_argument("--methods", help="--demo: comma-separated methods (default: DEMO_METHODS that are registered)")
     ap.add_argument("--seeds", default="0", help="--demo: comma-separated seeds")
     ap.add_argument("--iters", type=int, help="--demo: iterations per run and stage (default: as many as the budget allows)")
-    a = ap.parse_args(argv)
+    a = ap.parse_intermixed_args(argv)   # key=value items may come after the options
     if a.demo:
         demo(a.out or "runs/demo", methods=a.methods.split(",") if a.methods else None, seeds=[int(x) for x in a.seeds.split(",")],
              budget_s=a.budget, jobs=a.jobs or 2, iters=a.iters, runner=a.runner or "auto")
