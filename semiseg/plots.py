@@ -560,7 +560,7 @@ def agreement_curve(runs, keys=tuple(AGREE_KEYS), title=None):
     fig.tight_layout()
     return fig
 
-# %% ../nbs/09_plots.ipynb #cafb7fdd
+# %% ../nbs/09_plots.ipynb #80ddde0e
 _HUE = {"reliable": "#2ca02c", "unreliable": "#d62728", "before": "#9e9e9e", "after": "#1f77b4", "all": "#7f7f7f"}
 
 @_styled
@@ -577,13 +577,15 @@ def pseudo_label_quality(table, by: str = "method", hue: str = "subset", value: 
     fig, ax = plt.subplots(figsize=(2.6 + 1.3 * len(gs) * max(1, len(hs) / 2), 3.2))
     w = 0.8 / len(hs)
     for j, h in enumerate(hs):
+        first = True                                                      # legend entry at the hue's first bar
         for i, g in enumerate(gs):
             s = next((x for x in st if x[by] == g and x[hue] == h), None)
             if s is None: continue
             x = i + (j - (len(hs) - 1) / 2) * w
             ax.bar(x, s["mean"], w * 0.92, yerr=s["std"] if s["n"] > 1 else None, color=_HUE.get(str(h), f"C{j}"),
-                   label=str(h) if i == 0 else None, error_kw=dict(lw=0.8, capsize=2), zorder=2)
+                   label=str(h) if first else None, error_kw=dict(lw=0.8, capsize=2), zorder=2)
             ax.text(x, s["mean"] + s["std"] + 0.8, f"{s['mean']:.1f}", ha="center", va="bottom", fontsize=7, zorder=5)
+            first = False
     ax.set_xticks(range(len(gs)), [series_label(g, by_key) for g in gs]); ax.grid(axis="x", visible=False)
     ax.set_ylabel("pseudo-label mIoU (%)"); ax.set_ylim(0, min(100, max(s["mean"] + s["std"] for s in st) * 1.08 + 3))
     ax.set_xlabel(_seed_note(st))
