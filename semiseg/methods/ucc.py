@@ -20,8 +20,8 @@ from ..train import Method
 # %% auto #0
 __all__ = ['STRONG_RANGES', 'STRONG_OPS', 'PASTE_MODES', 'channel_shuffle', 'color_jitter', 'invert_channel', 'coarse_dropout',
            'jpeg_compression', 'solarize', 'salt_pepper', 'noise_gau', 'equalize', 'strong_augment', 'ClassConfidence',
-           'paste_probs', 'sample_paste_classes', 'copy_paste', 'ugrm_weights', 'weighted_ce', 'CrossHeadNet',
-           'HeadView', 'UCC']
+           'paste_probs', 'sample_paste_classes', 'copy_paste', 'StrongPasteOptions', 'StrongAndPaste', 'ugrm_weights',
+           'weighted_ce', 'CrossHeadNet', 'HeadView', 'UCC']
 
 # %% ../../nbs/15_ucc.ipynb #10d40c99
 STRONG_RANGES = dict(
@@ -209,6 +209,62 @@ def copy_paste(src_img, src_lbl,   # source images (B,3,H,W) and their labels (B
     m = sel.gather(1, src_lbl.flatten(1).clamp(max=c)).view_as(src_lbl)
     return torch.where(m[:, None], src_img, tgt_img), torch.where(m, src_lbl, tgt_lbl), m
 
+# %% ../../nbs/15_ucc.ipynb #2e908df2
+PASTE_MODES = ("none", "cp", "dcp", "cscp", "dcscp")  # Table 5: D = dynamic class sampling, CS = cross-set targets
+
+@dataclass
+class StrongPasteOptions:
+    "Options of UCC's strong view and copy-paste, shared by the methods that use them."
+    strong_n: int = 3             # strong ops per sample, drawn with replacement
+    strong_ops: str = "all"       # 'all' or a comma-separated subset of STRONG_OPS
+    copy_paste: str = "dcscp"     # none | cp | dcp | cscp | dcscp (Table 5)
+    paste_draws: int = 3          # classes drawn per paste, with replacement (AEL: 3)
+    paste_p: float = 1.0          # probability that a target image receives a paste
+    paste_exclude: str = "0"      # class ids never pasted, comma-separated (AEL Cityscapes: 0,1,2,8,10)
+    paste_mapping: str = "ael"    # ael: ∝ exp(sqrt(1-σ̂)) | linear: ∝ 1-σ̂ (dynamic modes)
+    conf_momentum: float = 0.999  # α of eq. (4)
+    conf_absent: str = "skip"     # classes absent from a labeled batch: skip | zero (AEL's code)
+
+class StrongAndPaste(nn.Module):
+    "UCC's strong view and (D)(CS)CP copy-paste for a method's batches, configured by `StrongPasteOptions`."
+    def __init__(self, opts: StrongPasteOptions, num_classes: int):
+        super().__init__()
+        if opts.copy_paste not in PASTE_MODES:
+            raise ValueError(f"copy_paste must be one of {', '.join(PASTE_MODES)}, got {opts.copy_paste!r}")
+        self.ops = list(STRONG_OPS) if opts.strong_ops == "all" else [s.strip() for s in opts.strong_ops.split(",") if s.strip()]
+        bad = [s for s in self.ops if s not in STRONG_OPS]
+        if bad or not self.ops: raise ValueError(f"strong_ops: unknown {bad} (known: {', '.join(STRONG_OPS)})")
+        paste_probs(torch.zeros(1), torch.ones(1, dtype=torch.bool), opts.paste_mapping)   # raises on an unknown mapping
+        self.opts, self.dynamic = opts, opts.copy_paste in ("dcp", "dcscp")
+        self.conf = ClassConfidence(num_classes, opts.conf_momentum, opts.conf_absent)
+        self.exclude = tuple(int(t) for t in str(opts.paste_exclude).replace(" ", "").split(",") if t != "")
+
+    def strong(self, xu: torch.Tensor) -> torch.Tensor:
+        "A strong view of a normalised batch (`strong_augment` with the configured ops)."
+        return strong_augment(xu, self.opts.strong_n, self.ops)
+
+    def classes(self, src_y: torch.Tensor) -> torch.Tensor:
+        "(B, C) bool: the classes each source image gives, by the mode's sampling; none with probability 1 - paste_p."
+        o = self.opts
+        sel = sample_paste_classes(self.conf.value, src_y, o.paste_draws, o.paste_mapping if self.dynamic else "uniform", self.exclude)
+        return sel & (torch.rand(len(src_y)) < o.paste_p).to(sel.device)[:, None]
+
+    def paste(self, x, y, xu):
+        "Pasted labeled (x, y), unlabeled xu, and the unlabeled paste mask and labels (None without cross-set paste)."
+        mode = self.opts.copy_paste
+        if mode == "none": return x, y, xu, None, None
+        src = torch.roll(torch.arange(len(x), device=x.device), -1)        # labeled target i <- labeled source i+1
+        xl, yl, _ = copy_paste(x[src], y[src], x, y, self.classes(y[src]))
+        if mode not in ("cscp", "dcscp"): return xl, yl, xu, None, None
+        src_u = torch.randint(len(x), (len(xu),)).to(x.device)             # unlabeled target <- random labeled source
+        empty = torch.full(xu.shape[:1] + xu.shape[2:], IGNORE_INDEX, dtype=y.dtype, device=y.device)
+        xu, lu, mu = copy_paste(x[src_u], y[src_u], xu, empty, self.classes(y[src_u]))
+        return xl, yl, xu, mu, lu
+
+    def observe(self, logits: list, y: torch.Tensor):
+        "Fold the mean softmax of a labeled batch's logits (one per head or network) into the bank (dynamic modes, training only)."
+        if self.training and self.dynamic: self.conf.update(sum(l.detach().float().softmax(1) for l in logits) / len(logits), y)
+
 # %% ../../nbs/15_ucc.ipynb #8c9c89ae
 def ugrm_weights(w1: torch.Tensor, w2: torch.Tensor, # max probabilities of heads 1 and 2 on the weak view (B,H,W)
                  rule: str = "teacher"):
@@ -270,54 +326,35 @@ class HeadView(nn.Module):
             return ((a.softmax(1) + b.softmax(1)) / 2).clamp(min=1e-12).log()
         return self.net(x, heads=(int(self.which) - 1,))[0]
 
-# %% ../../nbs/15_ucc.ipynb #3141291b
-PASTE_MODES = ("none", "cp", "dcp", "cscp", "dcscp")  # Table 5: D = dynamic class sampling, CS = cross-set targets
-
-def _ids(s: str) -> tuple:
-    return tuple(int(t) for t in str(s).replace(" ", "").split(",") if t != "")
-
+# %% ../../nbs/15_ucc.ipynb #67d00d3f
 @register_method("ucc")
 class UCC(Method):
     "Uncertainty guided Cross-head Co-training: shared backbone, two heads, weak→strong cross pseudo labels, DCSCP, UGRM."
     needs_unlabeled = 1
 
     @dataclass
-    class Options:
+    class Options(StrongPasteOptions):
         ucc_weight: float = 2.0       # λ: weight of L_u (Table 6: 2 is best)
         cross: str = "head"           # head: shared backbone, two heads (UCC) | model: two full networks (Table 7 'CM')
         shared_aspp: bool = False     # the heads share the ASPP as well (default: backbone only)
         ws: bool = True               # weak→strong (Table 3 'WS'); false: weak pseudo labels supervise the other head's weak view
         pseudo_view: str = "weak"     # weak | strong: the view pseudo labels come from (strong: Table 4 'S')
-        strong_n: int = 3             # strong ops per sample, drawn with replacement
-        strong_ops: str = "all"       # 'all' or a comma-separated subset of STRONG_OPS
         strong_shared: bool = False   # one strong view for both heads (default: each head its own)
         ugrm: bool = True             # uncertainty guided re-weighting of L_u (Table 3 'UGRM')
         ugrm_rule: str = "teacher"    # teacher: keep where the pseudo-label head is more confident | literal: eq. (7)/(8) | confidence: u = w
-        copy_paste: str = "dcscp"     # none | cp | dcp | cscp | dcscp (Table 5)
-        paste_draws: int = 3          # classes drawn per paste, with replacement (AEL: 3)
-        paste_p: float = 1.0          # probability that a target image receives a paste
-        paste_exclude: str = "0"      # class ids never pasted, comma-separated (AEL Cityscapes: 0,1,2,8,10)
-        paste_mapping: str = "ael"    # ael: ∝ exp(sqrt(1-σ̂)) | linear: ∝ 1-σ̂ (dynamic modes)
         paste_label: str = "source"   # unlabeled targets' pasted pixels: source ground truth | pred: the weak pseudo label
-        conf_momentum: float = 0.999  # α of eq. (4)
-        conf_absent: str = "skip"     # classes absent from a labeled batch: skip | zero (AEL's code)
         eval_head: str = "1"          # 1 | 2 | mean: the network evaluated
         burn_in: int = 0              # first iterations with L_s only (a reading of "initialized with the supervised data")
 
     def __init__(self, cfg, opts, num_classes):
         super().__init__(cfg, opts, num_classes)
         o = opts
-        for k, v, ok in (("copy_paste", o.copy_paste, PASTE_MODES), ("pseudo_view", o.pseudo_view, ("weak", "strong")),
-                         ("paste_label", o.paste_label, ("source", "pred"))):
+        for k, v, ok in (("pseudo_view", o.pseudo_view, ("weak", "strong")), ("paste_label", o.paste_label, ("source", "pred"))):
             if v not in ok: raise ValueError(f"{k} must be one of {', '.join(ok)}, got {v!r}")
-        self.ops = list(STRONG_OPS) if o.strong_ops == "all" else [s.strip() for s in o.strong_ops.split(",") if s.strip()]
-        bad = [s for s in self.ops if s not in STRONG_OPS]
-        if bad or not self.ops: raise ValueError(f"strong_ops: unknown {bad} (known: {', '.join(STRONG_OPS)})")
-        ugrm_weights(torch.zeros(1), torch.zeros(1), o.ugrm_rule); paste_probs(torch.zeros(1), torch.ones(1, dtype=torch.bool), o.paste_mapping)
+        ugrm_weights(torch.zeros(1), torch.zeros(1), o.ugrm_rule)
+        self.aug = StrongAndPaste(o, num_classes)
         self.net = CrossHeadNet([self.make_net(), self.make_net()], o.cross, o.shared_aspp)
         HeadView(self.net, o.eval_head)
-        self.conf = ClassConfidence(num_classes, o.conf_momentum, o.conf_absent)
-        self.exclude = _ids(o.paste_exclude)
 
     def eval_model(self): return HeadView(self.net, self.opts.eval_head)
 
@@ -327,46 +364,28 @@ class UCC(Method):
         head = [p for p in self.parameters() if p.requires_grad and id(p) not in ids]
         return [dict(params=bb, lr=lr), dict(params=head, lr=lr * head_lr_mult)]
 
-    def paste(self, x, y, xu):
-        "DCSCP on a batch: returns pasted labeled (x, y), unlabeled xu, and the unlabeled pasted mask/labels (or None)."
-        mode, o = self.opts.copy_paste, self.opts
-        if mode == "none": return x, y, xu, None, None
-        mapping = o.paste_mapping if mode in ("dcp", "dcscp") else "uniform"
-        def classes(src_y):
-            sel = sample_paste_classes(self.conf.value, src_y, o.paste_draws, mapping, self.exclude)
-            return sel & (torch.rand(len(src_y)) < o.paste_p).to(sel.device)[:, None]
-        src = torch.roll(torch.arange(len(x), device=x.device), -1)        # labeled target i <- labeled source i+1
-        xl, yl, _ = copy_paste(x[src], y[src], x, y, classes(y[src]))
-        mu = lu = None
-        if mode in ("cscp", "dcscp"):                                    # cross-set: unlabeled targets too
-            src_u = torch.randint(len(x), (len(xu),)).to(x.device)
-            xu, lu, mu = copy_paste(x[src_u], y[src_u], xu, torch.full(xu.shape[:1] + xu.shape[2:], IGNORE_INDEX,
-                                    dtype=y.dtype, device=y.device), classes(y[src_u]))
-        return xl, yl, xu, mu, lu
-
     def supervised(self, sup, y):
-        "L_s on both heads' labeled logits; feeds the confidence bank (dynamic modes, training only)."
-        if self.training and self.opts.copy_paste in ("dcp", "dcscp"):
-            self.conf.update((sup[0].detach().float().softmax(1) + sup[1].detach().float().softmax(1)) / 2, y)
+        "L_s on both heads' labeled logits; feeds the confidence bank with their mean softmax."
+        self.aug.observe(sup, y)
         return self.sup_loss(sup[0], y) + self.sup_loss(sup[1], y)
 
     def forward(self, labeled, unlabeled, it):
         o = self.opts
         x, y, xu = labeled["image"], labeled["mask"], unlabeled[0]["image"]
-        x, y, xu, mu, lu = self.paste(x, y, xu)
+        x, y, xu, mu, lu = self.aug.paste(x, y, xu)
         if it < o.burn_in:                                                # supervised warm-up: no unlabeled forward
             loss_sup, z = self.supervised(self.net(x), y), x.new_zeros(())
             return dict(loss_sup=loss_sup, loss_u_1to2=z, loss_u_2to1=z, agree=z, teach_1to2=z, pasted_u=z,
-                        conf_min=self.conf.value.min())
+                        conf_min=self.aug.conf.value.min())
         b, bu = len(x), len(xu)
         if o.ws:
             if o.pseudo_view == "weak":
                 with torch.no_grad(): teacher = self.net(xu)
             if o.strong_shared:                                               # one strong view S for both heads
-                out = self.net(torch.cat([x, strong_augment(xu, o.strong_n, self.ops)]))
+                out = self.net(torch.cat([x, self.aug.strong(xu)]))
                 sup, student = [lo[:b] for lo in out], [lo[b:] for lo in out]
             else:                                                             # each head its own, drawn in one call
-                s1, s2 = strong_augment(xu.repeat(2, 1, 1, 1), o.strong_n, self.ops).chunk(2)
+                s1, s2 = self.aug.strong(xu.repeat(2, 1, 1, 1)).chunk(2)
                 # batch [S_1; x; S_2]: head 1 reads rows [S_1; x], head 2 rows [x; S_2], contiguous slices (no copies)
                 out = self.net(torch.cat([s1, x, s2]), [slice(0, bu + b), slice(bu, 2 * bu + b)])
                 sup, student = [out[0][bu:], out[1][:b]], [out[0][:bu], out[1][b:]]
@@ -383,4 +402,4 @@ class UCC(Method):
         l21 = weighted_ce(student[0], q[1], u[1])   # head 2's pseudo labels teach head 1
         return dict(loss_sup=self.supervised(sup, y), loss_u_1to2=o.ucc_weight * l12, loss_u_2to1=o.ucc_weight * l21,
                     agree=(q[0] == q[1]).float().mean(), teach_1to2=(u[0] > 0).float().mean(),
-                    pasted_u=mu.float().mean() if mu is not None else torch.zeros(()), conf_min=self.conf.value.min())
+                    pasted_u=mu.float().mean() if mu is not None else torch.zeros(()), conf_min=self.aug.conf.value.min())
