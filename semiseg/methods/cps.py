@@ -135,7 +135,7 @@ class CoTraining(Method):
             logs["agree_all"] = agreement(*[torch.cat([a.flatten(), b.flatten()]) for a, b in zip(y_l, y_u)])
         return logs
 
-# %% ../../nbs/10_cps.ipynb #b59a3303
+# %% ../../nbs/10_cps.ipynb #b95eb806
 @register_method("cps")
 class CPS(CoTraining):
     "Cross pseudo supervision: two networks, each supervised by the other's hard pseudo labels (± CutMix, ± UCC's ingredients)."
@@ -175,10 +175,9 @@ class CPS(CoTraining):
     def forward(self, labeled, unlabeled, it):
         x, y = labeled["image"], labeled["mask"]
         xu, y_u, gt_u = self.unlabeled_input(unlabeled)
-        mu = None
-        if xu is not None:
-            x, y, xu, mu, lu = self.aug.paste(x, y, xu)                 # labeled objects into X and X_u (copy_paste)
-            if self.opts.ws: xu = list(self.aug.strong(xu.repeat(self.n_nets, 1, 1, 1)).chunk(self.n_nets))  # a strong view per network
+        x, y, xu, mu, lu = self.aug.paste(x, y, xu)                     # labeled objects into X and X_u (copy_paste)
+        if self.opts.ws and xu is not None:                             # a strong view per network
+            xu = list(self.aug.strong(xu.repeat(self.n_nets, 1, 1, 1)).chunk(self.n_nets))
         p_l, p_u = self.predict(x, xu)                                  # P_k = f(X; θ_k) on labeled, unlabeled
         y_l, y_u = hard_labels(p_l), y_u or hard_labels(p_u)            # Y_k = argmax P_k, no gradient
         if mu is not None:                                              # pasted pixels: the source's ground truth

@@ -209,7 +209,7 @@ def copy_paste(src_img, src_lbl,   # source images (B,3,H,W) and their labels (B
     m = sel.gather(1, src_lbl.flatten(1).clamp(max=c)).view_as(src_lbl)
     return torch.where(m[:, None], src_img, tgt_img), torch.where(m, src_lbl, tgt_lbl), m
 
-# %% ../../nbs/15_ucc.ipynb #2e908df2
+# %% ../../nbs/15_ucc.ipynb #89fd3301
 PASTE_MODES = ("none", "cp", "dcp", "cscp", "dcscp")  # Table 5: D = dynamic class sampling, CS = cross-set targets
 
 @dataclass
@@ -250,12 +250,12 @@ class StrongAndPaste(nn.Module):
         return sel & (torch.rand(len(src_y)) < o.paste_p).to(sel.device)[:, None]
 
     def paste(self, x, y, xu):
-        "Pasted labeled (x, y), unlabeled xu, and the unlabeled paste mask and labels (None without cross-set paste)."
+        "Pasted labeled (x, y), unlabeled xu (may be None), and the unlabeled paste mask and labels (None without cross-set paste)."
         mode = self.opts.copy_paste
         if mode == "none": return x, y, xu, None, None
         src = torch.roll(torch.arange(len(x), device=x.device), -1)        # labeled target i <- labeled source i+1
         xl, yl, _ = copy_paste(x[src], y[src], x, y, self.classes(y[src]))
-        if mode not in ("cscp", "dcscp"): return xl, yl, xu, None, None
+        if mode not in ("cscp", "dcscp") or xu is None: return xl, yl, xu, None, None
         src_u = torch.randint(len(x), (len(xu),)).to(x.device)             # unlabeled target <- random labeled source
         empty = torch.full(xu.shape[:1] + xu.shape[2:], IGNORE_INDEX, dtype=y.dtype, device=y.device)
         xu, lu, mu = copy_paste(x[src_u], y[src_u], xu, empty, self.classes(y[src_u]))
