@@ -1,4 +1,4 @@
-"""Two networks, each trained on the other's hard pseudo labels (Chen et al., CVPR 2021), with the paper's CutMix variant, and the two comparison points it defines: cross probability consistency and single-network pseudo supervision.
+"""Two networks, each trained on the other's hard pseudo labels (Chen et al., CVPR 2021), with the paper's CutMix variant, UCC's weak→strong view and copy-paste (on by default: the CPU benchmark needs them), and the two comparison points the paper defines: cross probability consistency and single-network pseudo supervision.
 
 Docs: https://semiseg.github.io/semiseg/cps.html.md"""
 
