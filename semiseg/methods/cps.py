@@ -20,7 +20,7 @@ from .ucc import StrongPasteOptions, StrongAndPaste
 __all__ = ['draw_schematic', 'forward_parts', 'eval_mode', 'pseudo_labels', 'mixed_pseudo_labels', 'agreement',
            'pseudo_label_accuracy', 'hard_labels', 'CoTraining', 'CPS', 'CPSCutMix', 'SPS', 'SPSCutMix', 'CPC']
 
-# %% ../../nbs/10_cps.ipynb #1a651161
+# %% ../../nbs/10_cps.ipynb #04f31c66
 def draw_schematic(figsize=(12, 3.4)):
     "The CPS paper's Fig. 1 (a, b) and eq. 9 side by side: CPS, CPC and SPS; → forward, ⇢ loss, // stop-gradient."
     import matplotlib.pyplot as plt
@@ -41,6 +41,7 @@ def draw_schematic(figsize=(12, 3.4)):
         node(ax, (1.3, y), f"f(θ{k})"); node(ax, (2.4, y), f"P{k}"); node(ax, (3.6, y), f"Y{k}", lbox)
         fwd(ax, (0.3, 1.5), (1.3, y)); fwd(ax, (1.3, y), (2.4, y)); fwd(ax, (2.4, y), (3.6, y), stop=True)
     sup(ax, (3.6, 2.4), (2.4, 0.6)); sup(ax, (3.6, 0.6), (2.4, 2.4))
+    ax.text(2.1, -0.15, "semiseg's default: Y from the weak image, P on a strong view;\nlabeled objects pasted into X (UCC's two ingredients)", ha="center", fontsize=8.5, color="#555")
     ax = axes[1]; ax.set_title("(b) CPC: cross probability consistency", fontsize=11)
     node(ax, (0.3, 1.5), "X")
     for y, k in ((2.4, 1), (0.6, 2)):
