@@ -614,7 +614,7 @@ def tta_image_s(n: int = 8, size: int = 64, scale=None) -> float:
     import torch
     from semiseg.models import build_model
     from semiseg.metrics import predict
-    from semiseg.methods.ciscr import TTA, tta_scales
+    from semiseg.pseudo import TTA, tta_scales
     net, x = build_model(7, backbone="tiny").eval(), torch.randn(n, 3, size, size)
     kw = {**TTA, "scales": tta_scales(scale)}
     with torch.no_grad():

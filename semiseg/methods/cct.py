@@ -11,61 +11,68 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from fastcore.basics import patch
 from ..core import IGNORE_INDEX, register_method
 from ..train import Method
 from ..losses import ce_loss, sigmoid_rampup
 
 # %% auto #0
-__all__ = ['PERTURBATIONS', 'neighbour_distance', 'class_boundary', 'boundary_contrast', 'feature_noise', 'feature_drop',
-           'spatial_dropout', 'object_masking', 'context_masking', 'connected_components', 'component_boxes',
-           'guided_cutout', 'vat_noise', 'DecoderBank', 'interp_matrix', 'upsample', 'consistency_loss', 'unsup_weight',
-           'ab_ce_threshold', 'ab_ce', 'aux_counts', 'CCT']
+__all__ = ['DECODERS', 'PERTURBATIONS', 'neighbour_distance', 'class_boundary', 'boundary_contrast', 'feature_noise',
+           'feature_drop', 'spatial_dropout', 'object_masking', 'context_masking', 'connected_components',
+           'component_boxes', 'guided_cutout', 'vat_noise', 'DecoderBank', 'interp_matrix', 'upsample',
+           'consistency_loss', 'unsup_weight', 'ab_ce_threshold', 'ab_ce', 'aux_counts', 'CCT']
 
 # %% ../../nbs/25_cct.ipynb #0a6e5340
-def neighbour_distance(x, patch:int=1):
-    "Mean Euclidean distance between each location's vector and its 8 neighbours': (B, C, H, W) → (B, H, W); `patch` (odd) > 1 compares patches."
+def neighbour_distance(x, patch: int = 1):
+    "Mean Euclidean distance to the 8 neighbours: (B, C, H, W) → (B, H, W); an odd `patch` > 1 compares patches."
     B, C, H, W = x.shape
-    if patch > 1: x = F.unfold(x, patch, padding=patch // 2).view(B, C * patch * patch, H, W)
+    if patch > 1:
+        x = F.unfold(x, patch, padding=patch // 2).view(B, C * patch * patch, H, W)
     xp = F.pad(x, (1, 1, 1, 1), mode='replicate')
-    d = [(x - xp[..., 1 + dy:1 + dy + H, 1 + dx:1 + dx + W]).norm(dim=1) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if dy or dx]
+    d = [(x - xp[..., 1 + dy:1 + dy + H, 1 + dx:1 + dx + W]).norm(dim=1)
+         for dy in (-1, 0, 1) for dx in (-1, 0, 1) if dy or dx]
     return torch.stack(d).mean(0)
 
+# %% ../../nbs/25_cct.ipynb #6f7b2cd5
 def class_boundary(mask):
     "(B, H, W) bool: pixels whose 3×3 neighbourhood holds more than one label."
     m = F.pad(mask[:, None].float(), (1, 1, 1, 1), mode='replicate')
     return (F.max_pool2d(m, 3, 1) != -F.max_pool2d(-m, 3, 1))[:, 0]
 
-def boundary_contrast(dist, mask, context=(0,), ignore_index:int=IGNORE_INDEX) -> float:
+# %% ../../nbs/25_cct.ipynb #fa8c4c82
+def boundary_contrast(dist, mask, context=(0,), ignore_index: int = IGNORE_INDEX) -> float:
     "Mean of `dist` on class-boundary pixels over its mean on object (non-context) interiors."
     b, valid = class_boundary(mask), mask != ignore_index
     obj = valid & ~torch.isin(mask, torch.tensor(context, device=mask.device))
     return (dist[b & valid].mean() / dist[obj & ~b].mean()).item()
 
 # %% ../../nbs/25_cct.ipynb #0e49ad43
-def feature_noise(z, n:int, r:float=0.3):
+def feature_noise(z, n: int, r: float = 0.3):
     "F-Noise multipliers `(1, n, C, h, w)`: z̃ = z ⊙ (1 + N), N ~ U(-r, r), one N per decoder shared by the batch."
     return 1 + torch.empty(1, n, *z.shape[1:], device=z.device, dtype=z.dtype).uniform_(-r, r)
 
 # %% ../../nbs/25_cct.ipynb #bfb3e335
-def feature_drop(z, n:int, lo:float=0.6, hi:float=0.9):
-    "F-Drop masks `(B, n, 1, h, w)`: zero the positions whose channel-mean activation is ≥ γ·max, γ ~ U(lo, hi) per decoder."
+def feature_drop(z, n: int, lo: float = 0.6, hi: float = 0.9):
+    "F-Drop masks `(B, n, 1, h, w)`: zero the positions whose channel-mean activation is ≥ γ·max, γ ~ U(lo, hi)."
     att = z.detach().mean(1, keepdim=True).unsqueeze(1)                      # (B, 1, 1, h, w)
-    gamma = torch.empty(1, n, 1, 1, 1, device=z.device, dtype=z.dtype).uniform_(lo, hi)
+    gamma = torch.empty(1, n, 1, 1, 1, device=z.device, dtype=z.dtype).uniform_(lo, hi)   # one γ per decoder
     return (att < gamma * att.amax(dim=(-2, -1), keepdim=True)).to(z.dtype)
 
 # %% ../../nbs/25_cct.ipynb #54e05bc4
-def spatial_dropout(z, n:int, p:float=0.5):
+def spatial_dropout(z, n: int, p: float = 0.5):
     "DropOut multipliers `(B, n, C, 1, 1)`: each channel zeroed with probability p, kept ones scaled by 1/(1-p)."
-    if not 0 <= p < 1: raise ValueError(f"dropout rate must be in [0, 1), got {p}")
+    if not 0 <= p < 1:
+        raise ValueError(f"dropout rate must be in [0, 1), got {p}")
     keep = torch.rand(z.shape[0], n, z.shape[1], 1, 1, device=z.device) >= p
     return keep.to(z.dtype) / (1 - p)
 
 # %% ../../nbs/25_cct.ipynb #94a84b0c
-def object_masking(fg, n:int, dtype=torch.float32):
+def object_masking(fg, n: int, dtype=torch.float32):
     "Obj-Msk masks `(B, n, 1, h, w)` from a boolean object mask `fg` (B, h, w): zero the objects, keep the context."
     return (~fg).to(dtype)[:, None, None].expand(-1, n, -1, -1, -1)
 
-def context_masking(fg, n:int, dtype=torch.float32):
+# %% ../../nbs/25_cct.ipynb #8dbb60d7
+def context_masking(fg, n: int, dtype=torch.float32):
     "Con-Msk masks `(B, n, 1, h, w)`: zero the context, keep the objects."
     return fg.to(dtype)[:, None, None].expand(-1, n, -1, -1, -1)
 
@@ -77,22 +84,30 @@ def connected_components(fg):
     lab = torch.where(fg, ids, torch.zeros_like(ids))
     while True:                                  # every pixel takes the largest id in its 3×3 neighbourhood
         new = lab
-        for _ in range(4): new = torch.where(fg, F.max_pool2d(new[:, None], 3, 1, 1)[:, 0], new)
-        if torch.equal(new, lab): return lab.long()
+        for _ in range(4):
+            new = torch.where(fg, F.max_pool2d(new[:, None], 3, 1, 1)[:, 0], new)
+        if torch.equal(new, lab):
+            return lab.long()
         lab = new
 
-def component_boxes(lab, min_pixels:int=1):
+# %% ../../nbs/25_cct.ipynb #03794ea1
+def component_boxes(lab, min_pixels: int = 1):
     "Inclusive boxes `(b, y0, y1, x0, x1)` (each a 1-d tensor) of the components of `lab` with ≥ `min_pixels` pixels."
     pos = torch.nonzero(lab > 0)                 # (m, 3) rows b, y, x — in the order of lab[lab > 0]
     ids, inv, counts = torch.unique(lab[lab > 0], return_inverse=True, return_counts=True)
+
     def red(col, how, init):
-        return torch.full((len(ids),), init, device=lab.device, dtype=torch.long).scatter_reduce(0, inv, pos[:, col], how)
-    b, y0, y1, x0, x1 = red(0, 'amax', 0), red(1, 'amin', lab.shape[1]), red(1, 'amax', 0), red(2, 'amin', lab.shape[2]), red(2, 'amax', 0)
+        start = torch.full((len(ids),), init, device=lab.device, dtype=torch.long)
+        return start.scatter_reduce(0, inv, pos[:, col], how)
+
+    b, y0, y1 = red(0, 'amax', 0), red(1, 'amin', lab.shape[1]), red(1, 'amax', 0)
+    x0, x1 = red(2, 'amin', lab.shape[2]), red(2, 'amax', 0)
     keep = counts >= min_pixels
     return b[keep], y0[keep], y1[keep], x0[keep], x1[keep]
 
-def guided_cutout(fg, n:int, erase:float=0.4, min_area:float=0.005, dtype=torch.float32):
-    "G-Cutout masks `(B, n, 1, h, w)`: in each object's bounding box, zero a random crop of `erase`× its height and width."
+# %% ../../nbs/25_cct.ipynb #91ca0555
+def guided_cutout(fg, n: int, erase: float = 0.4, min_area: float = 0.005, dtype=torch.float32):
+    "G-Cutout masks `(B, n, 1, h, w)`: in each object's box, zero a random crop of `erase`× its height and width."
     B, h, w = fg.shape
     b, y0, y1, x0, x1 = component_boxes(connected_components(fg), max(1, math.ceil(min_area * h * w)))
     bh, bw = y1 - y0 + 1, x1 - x0 + 1
@@ -102,7 +117,8 @@ def guided_cutout(fg, n:int, erase:float=0.4, min_area:float=0.005, dtype=torch.
     ys, xs = torch.arange(h, device=fg.device), torch.arange(w, device=fg.device)
     in_y = (ys >= sy[..., None]) & (ys < (sy + ch)[..., None])                    # (n, boxes, h)
     in_x = (xs >= sx[..., None]) & (xs < (sx + cw)[..., None])                    # (n, boxes, w)
-    holes = torch.zeros(n, B, h, w, device=fg.device).index_add_(1, b, (in_y[..., :, None] & in_x[..., None, :]).float())
+    crops = (in_y[..., :, None] & in_x[..., None, :]).float()                     # (n, boxes, h, w)
+    holes = torch.zeros(n, B, h, w, device=fg.device).index_add_(1, b, crops)
     return (holes == 0).to(dtype).transpose(0, 1).unsqueeze(2)
 
 # %% ../../nbs/25_cct.ipynb #68502aad
@@ -110,31 +126,39 @@ def _unit(d):
     "Scale each `(b, k)` slice of a (B, n, ...) tensor to unit L2 norm."
     return d / d.flatten(2).norm(dim=2).clamp_min(torch.finfo(d.dtype).tiny).view(*d.shape[:2], *([1] * (d.dim() - 2)))
 
-def vat_noise(z, decode, n:int, xi:float=1e-6, eps:float=2.0):
+# %% ../../nbs/25_cct.ipynb #53087837
+def vat_noise(z, decode, n: int, xi: float = 1e-6, eps: float = 2.0):
     "I-VAT perturbations `(B, n, C, h, w)` of norm `eps` per image: one power iteration of ∇_d KL(g(z) ‖ g(z + ξd))."
-    # decode(x, dx) -> (logits at x, differentiable in x; their derivative J dx along dx), for x of shape (B, n, C, h, w)
+    # decode(x, dx) -> (logits at x, differentiable in x; J dx, their derivative along dx); x: (B, n, C, h, w)
     x = z.detach().float().unsqueeze(1).expand(-1, n, -1, -1, -1).contiguous()      # one copy per VAT decoder
     d = _unit(torch.rand_like(x) - 0.5)
     with torch.enable_grad(), torch.autocast(z.device.type, enabled=False):
         x.requires_grad_()
         logits, jd = decode(x, d)
         p, s = logits.detach().softmax(2), xi * jd.detach()
-        if s.abs().max() < 1e-3: q_minus_p = p * (s - (p * s).sum(2, keepdim=True))   # first order in s: error ~ |s|
-        else: q_minus_p = (logits.detach() + s).softmax(2) - p                        # no cancellation at this size
+        if s.abs().max() < 1e-3:   # first order in s: error ~ |s|
+            q_minus_p = p * (s - (p * s).sum(2, keepdim=True))
+        else:                      # no cancellation at this size
+            q_minus_p = (logits.detach() + s).softmax(2) - p
         g, = torch.autograd.grad(logits, x, q_minus_p)                              # Jᵀ (q - p)
     return (eps * _unit(g)).to(z.dtype)
 
 # %% ../../nbs/25_cct.ipynb #4682564d
+DECODERS = ('linear', 'subpixel')   # the decoder option
+
+# %% ../../nbs/25_cct.ipynb #d730954b
 class DecoderBank(nn.Module):
     "`k` independent CCT decoders run together: a 1×1 conv `cin`→`nc` each, then bias (linear) or ×2 sub-pixel stages."
-    def __init__(self, k:int, cin:int, nc:int,
-                 kind:str='linear',  # 'linear' (1×1 conv, TorchSemiSeg) or 'subpixel' (1×1 conv + sub-pixel stages, paper)
-                 upscale:int=4):     # sub-pixel upsampling factor (the stride of z)
+    def __init__(self, k: int, cin: int, nc: int,
+                 kind: str = 'linear',  # 'linear' (1×1 conv, TorchSemiSeg) or 'subpixel' (1×1 conv + sub-pixel stages)
+                 upscale: int = 4):     # sub-pixel upsampling factor (the stride of z)
         super().__init__()
-        if kind not in ('linear', 'subpixel'): raise ValueError(f"decoder must be 'linear' or 'subpixel', got {kind!r}")
+        if kind not in DECODERS:
+            raise ValueError(f"decoder must be 'linear' or 'subpixel', got {kind!r}")
         self.k, self.cin, self.nc, self.kind = k, cin, nc, kind
         self.weight = nn.Parameter(torch.empty(k, nc, cin))
-        for w in self.weight.data: nn.init.kaiming_normal_(w, nonlinearity='relu')     # as the DeepLabv3+ classifier
+        for w in self.weight.data:
+            nn.init.kaiming_normal_(w, nonlinearity='relu')     # as the DeepLabv3+ classifier
         self.bias = nn.Parameter(torch.zeros(k, nc)) if kind == 'linear' else None
         n_stages = int(round(math.log2(upscale))) if kind == 'subpixel' else 0
         self.stage_w = nn.ParameterList(nn.Parameter(self._icnr(k, nc)) for _ in range(n_stages))
@@ -142,97 +166,127 @@ class DecoderBank(nn.Module):
 
     @staticmethod
     def _icnr(k, nc, scale=2):
-        "ICNR init (k, nc·scale², nc): the scale² sub-pixels of each output channel start with equal weights (no checkerboard)."
+        "ICNR init (k, nc·scale², nc): the scale² sub-pixels of each output channel start equal (no checkerboard)."
         w = torch.empty(k, nc, nc)
-        for wk in w: nn.init.kaiming_normal_(wk, nonlinearity='relu')
+        for wk in w:
+            nn.init.kaiming_normal_(wk, nonlinearity='relu')
         return w.repeat_interleave(scale * scale, 1)
 
     @staticmethod
     def _p(p, ks, dtype):
+        "Parameters `p` of decoders `ks`, detached and cast when a `dtype` is given."
         p = p[ks]
         return p if dtype is None else p.detach().to(dtype)
-
-    def first(self, x, ks:slice|None=None, dtype=None):
-        "First layers W_k x of decoders `ks`: x (B, C, h, w) shared, or (B, n, C, h, w) one per decoder → (B, n, nc, h, w)."
-        ks = ks or slice(0, self.k)
-        w = self._p(self.weight, ks, dtype)                                    # (n, nc, C)
-        n, (h, wd) = w.shape[0], x.shape[-2:]
-        if x.dim() == 4: return torch.matmul(w.flatten(0, 1), x.flatten(2)).view(x.shape[0], n, self.nc, h, wd)
-        return torch.matmul(w, x.flatten(3)).view(x.shape[0], n, self.nc, h, wd)
-
-    def first_channel_masked(self, z, mask, ks:slice):
-        "W_k (z ⊙ c) for channel masks c (B or 1, n, C, 1, 1): the mask scales the weights' columns."
-        w = self.weight[ks].unsqueeze(0) * mask.flatten(2).unsqueeze(2)       # (B or 1, n, nc, C)
-        B, (n, nc, C) = z.shape[0], w.shape[1:]
-        return torch.bmm(w.expand(B, -1, -1, -1).reshape(B, n * nc, C), z.flatten(2)).view(B, n, nc, *z.shape[-2:])
-
-    def rest(self, y, ks:slice|None=None, dtype=None, dy=None):
-        "The decoders after their first layer: (B, n, nc, h, w) → (B, n, nc, h', w'); with a tangent `dy`, also J dy."
-        ks = ks or slice(0, self.k)
-        if self.bias is not None: y = y + self._p(self.bias, ks, dtype)[..., None, None]
-        for w, b in zip(self.stage_w, self.stage_b):
-            B, n, c, h, wd = y.shape
-            w, b = self._p(w, ks, dtype), self._p(b, ks, dtype)
-            shuffle = lambda t: F.pixel_shuffle(t.reshape(B, n * 4 * c, h, wd), 2).view(B, n, c, 2 * h, 2 * wd)
-            pre = torch.matmul(w, y.flatten(3)) + b[..., None]
-            if dy is not None: dy = shuffle((pre > 0) * torch.matmul(w, dy.flatten(3)))   # forward-mode derivative
-            y = shuffle(F.relu(pre))
-        return y if dy is None else (y, dy)
-
-    def perturbed_first(self, z, wz, ks:slice, mul=None, add=None):
-        "W_k (z ⊙ mul_k + add_k) for decoders `ks` given wz = W_k z, computed the cheapest way the shape of `mul` allows."
-        if mul is None: y = wz
-        elif mul.shape[2] == 1: y = wz * mul                                   # spatial mask: after the 1×1 conv
-        elif mul.shape[-2:] == (1, 1): y = self.first_channel_masked(z, mul, ks)   # channel mask: into the weights
-        else: y = self.first(z.unsqueeze(1) * mul, ks)                          # general: materialise
-        return y if add is None else y + self.first(add, ks)
 
     def forward(self, z):
         "All decoders on the same input: (B, C, h, w) → (B, k·nc, h', w') (with k = 1: a drop-in classifier)."
         return self.rest(self.first(z)).flatten(1, 2)
 
+# %% ../../nbs/25_cct.ipynb #45bb8e87
+@patch
+def first(self: DecoderBank, x, ks: slice | None = None, dtype=None):
+    "First layers W_k x of decoders `ks`: x (B, C, h, w) shared, or (B, n, C, h, w) one per decoder → (B, n, nc, h, w)."
+    ks = ks or slice(0, self.k)
+    w = self._p(self.weight, ks, dtype)                                    # (n, nc, C)
+    n, (h, wd) = w.shape[0], x.shape[-2:]
+    if x.dim() == 4:
+        return torch.matmul(w.flatten(0, 1), x.flatten(2)).view(x.shape[0], n, self.nc, h, wd)
+    return torch.matmul(w, x.flatten(3)).view(x.shape[0], n, self.nc, h, wd)
+
+# %% ../../nbs/25_cct.ipynb #7176430b
+@patch
+def first_channel_masked(self: DecoderBank, z, mask, ks: slice):
+    "W_k (z ⊙ c) for channel masks c (B or 1, n, C, 1, 1): the mask scales the weights' columns."
+    w = self.weight[ks].unsqueeze(0) * mask.flatten(2).unsqueeze(2)       # (B or 1, n, nc, C)
+    B, (n, nc, C) = z.shape[0], w.shape[1:]
+    return torch.bmm(w.expand(B, -1, -1, -1).reshape(B, n * nc, C), z.flatten(2)).view(B, n, nc, *z.shape[-2:])
+
+# %% ../../nbs/25_cct.ipynb #0a6f4f39
+@patch
+def rest(self: DecoderBank, y, ks: slice | None = None, dtype=None, dy=None):
+    "The decoders after their first layer: (B, n, nc, h, w) → (B, n, nc, h', w'); with a tangent `dy`, also J dy."
+    ks = ks or slice(0, self.k)
+    if self.bias is not None:
+        y = y + self._p(self.bias, ks, dtype)[..., None, None]
+    for w, b in zip(self.stage_w, self.stage_b):
+        B, n, c, h, wd = y.shape
+        w, b = self._p(w, ks, dtype), self._p(b, ks, dtype)
+
+        def shuffle(t):
+            return F.pixel_shuffle(t.reshape(B, n * 4 * c, h, wd), 2).view(B, n, c, 2 * h, 2 * wd)
+
+        pre = torch.matmul(w, y.flatten(3)) + b[..., None]
+        if dy is not None:   # forward-mode derivative
+            dy = shuffle((pre > 0) * torch.matmul(w, dy.flatten(3)))
+        y = shuffle(F.relu(pre))
+    return y if dy is None else (y, dy)
+
+# %% ../../nbs/25_cct.ipynb #7e8bff01
+@patch
+def perturbed_first(self: DecoderBank, z, wz, ks: slice, mul=None, add=None):
+    "W_k (z ⊙ mul_k + add_k) for decoders `ks` given wz = W_k z, computed the cheapest way the shape of `mul` allows."
+    if mul is None:
+        y = wz
+    elif mul.shape[2] == 1:                     # spatial mask: after the 1×1 conv
+        y = wz * mul
+    elif mul.shape[-2:] == (1, 1):              # channel mask: into the weights
+        y = self.first_channel_masked(z, mul, ks)
+    else:                                       # general: materialise
+        y = self.first(z.unsqueeze(1) * mul, ks)
+    return y if add is None else y + self.first(add, ks)
+
 # %% ../../nbs/25_cct.ipynb #38550a3f
-def interp_matrix(n:int, N:int, dtype=torch.float32, device=None):
+def interp_matrix(n: int, N: int, dtype=torch.float32, device=None):
     "(N, n) matrix of 1-d linear interpolation with align_corners=True: `A @ x` upsamples like `F.interpolate`."
     src = torch.arange(N, dtype=torch.float64) * ((n - 1) / (N - 1) if N > 1 else 0.0)
-    j0 = src.floor().long().clamp(max=n - 1); frac = src - j0
+    j0 = src.floor().long().clamp(max=n - 1)
+    frac = src - j0
     A = torch.zeros(N, n, dtype=torch.float64)
     A[torch.arange(N), j0] += 1 - frac
     A[torch.arange(N), (j0 + 1).clamp(max=n - 1)] += frac
     return A.to(dtype=dtype, device=device)
 
+# %% ../../nbs/25_cct.ipynb #ce77b321
 def upsample(y, size):
     "Bilinear upsampling (align_corners=True) of the last two dims of `y` to `size`, as two matrix products."
     (h, w), (H, W) = y.shape[-2:], tuple(size)
-    if h != H: y = interp_matrix(h, H, y.dtype, y.device) @ y
-    if w != W: y = y @ interp_matrix(w, W, y.dtype, y.device).T
+    if h != H:
+        y = interp_matrix(h, H, y.dtype, y.device) @ y
+    if w != W:
+        y = y @ interp_matrix(w, W, y.dtype, y.device).T
     return y
 
+# %% ../../nbs/25_cct.ipynb #30280e71
 class _UpsampledSoftmaxMSE(torch.autograd.Function):
     "mean((softmax(upsample(l)) - t)²) with its gradient computed in the forward pass, chunk by chunk."
     @staticmethod
     def forward(ctx, logits, target, chunk):
         B, K, C, h, w = logits.shape
         H, W = target.shape[-2:]
-        l, t = logits.detach().float(), target.detach().float().unsqueeze(1)
-        A = interp_matrix(h, H, device=l.device) if h != H else None
-        Bm = interp_matrix(w, W, device=l.device) if w != W else None
-        N, total, need = B * K * C * H * W, l.new_zeros(()), logits.requires_grad
-        grad = torch.empty_like(l) if need else None
+        lg, t = logits.detach().float(), target.detach().float().unsqueeze(1)
+        A = interp_matrix(h, H, device=lg.device) if h != H else None
+        Bm = interp_matrix(w, W, device=lg.device) if w != W else None
+        N, total, need = B * K * C * H * W, lg.new_zeros(()), logits.requires_grad
+        grad = torch.empty_like(lg) if need else None
         for k in range(0, K, chunk):
-            u = l[:, k:k + chunk]
-            if Bm is not None: u = u @ Bm.T
-            if A is not None: u = A @ u
+            u = lg[:, k:k + chunk]
+            if Bm is not None:
+                u = u @ Bm.T
+            if A is not None:
+                u = A @ u
             p = u.softmax(2)
             d = p - t
             total = total + torch.dot(d.flatten(), d.flatten())
             if need:                                       # ∂/∂u = (2/N) p ⊙ (d - Σ_c p ⊙ d), scaled at low resolution
                 pd = p * d
                 gu = pd.addcmul_(p, pd.sum(2, keepdim=True), value=-1)
-                if A is not None: gu = A.T @ gu
-                if Bm is not None: gu = gu @ Bm
+                if A is not None:
+                    gu = A.T @ gu
+                if Bm is not None:
+                    gu = gu @ Bm
                 grad[:, k:k + chunk] = gu * (2.0 / N)
-        if need: ctx.save_for_backward(grad.to(logits.dtype))
+        if need:
+            ctx.save_for_backward(grad.to(logits.dtype))
         return (total / N).to(logits.dtype)
 
     @staticmethod
@@ -240,47 +294,56 @@ class _UpsampledSoftmaxMSE(torch.autograd.Function):
         grad, = ctx.saved_tensors
         return grad * g, None, None
 
-def consistency_loss(aux_logits, target_probs, chunk:int=1):
-    "Mean over decoders of MSE(softmax(upsample(aux_k)), target): aux_logits (B, K, C, h, w), target_probs (B, C, H, W), detached."
+# %% ../../nbs/25_cct.ipynb #58304e67
+def consistency_loss(aux_logits, target_probs, chunk: int = 1):
+    "Mean over decoders of MSE(softmax(upsample(aux_k)), target): aux_logits (B, K, C, h, w), target (B, C, H, W)."
     with torch.autocast(aux_logits.device.type, enabled=False):
         return _UpsampledSoftmaxMSE.apply(aux_logits, target_probs.detach(), chunk)
 
-def unsup_weight(it:int, iters:int, final:float=30.0, rampup:float=0.1) -> float:
-    "w_u at iteration `it`: `final` · exp(-5 (1 - t/T)²) over the first T = round(`rampup`·iters) iterations, then `final`."
+# %% ../../nbs/25_cct.ipynb #0077e3d9
+def unsup_weight(it: int, iters: int, final: float = 30.0, rampup: float = 0.1) -> float:
+    "w_u at iteration `it`: `final` · exp(-5 (1 - t/T)²) for t < T = round(`rampup`·iters), then `final`."
     return final * sigmoid_rampup(it, round(rampup * iters))
 
 # %% ../../nbs/25_cct.ipynb #c3d52b35
-def ab_ce_threshold(it:int, iters:int, num_classes:int, end:float=0.9, rampup:float=0.4) -> float:
+def ab_ce_threshold(it: int, iters: int, num_classes: int, end: float = 0.9, rampup: float = 0.4) -> float:
     "η(t) = 1/C + (end - 1/C)(1 - exp(-5 t/T)), T = `rampup`·iters (the official log ramp-up)."
     T = rampup * iters
     r = 1.0 if T <= 0 else 1 - math.exp(-5 * min(max(it, 0), T) / T)
     return 1 / num_classes + (end - 1 / num_classes) * r
 
-def ab_ce(logits, target, eta:float, min_kept:int=1, ignore_index:int=IGNORE_INDEX):
+# %% ../../nbs/25_cct.ipynb #cb0a9d4b
+def ab_ce(logits, target, eta: float, min_kept: int = 1, ignore_index: int = IGNORE_INDEX):
     "Mean CE over pixels whose true-class probability is < max(η, the (min_kept·B+1)-th smallest one)."
     valid = target != ignore_index
-    if not valid.any(): return logits.sum() * 0.0
+    if not valid.any():
+        return logits.sum() * 0.0
     with torch.no_grad():
         prob = logits.softmax(1).gather(1, target.clamp(max=logits.shape[1] - 1).unsqueeze(1)).squeeze(1)
         vp = prob[valid].sort().values
         thresh = max(eta, vp[min(min_kept * target.shape[0], len(vp) - 1)].item())
         sel = valid & (prob < thresh)
-    if not sel.any(): return logits.sum() * 0.0
+    if not sel.any():
+        return logits.sum() * 0.0
     return ce_loss(logits, torch.where(sel, target, torch.full_like(target, ignore_index)), ignore_index)
 
 # %% ../../nbs/25_cct.ipynb #25cac32d
 PERTURBATIONS = ('vat', 'drop', 'cutout', 'con_msk', 'obj_msk', 'f_drop', 'f_noise')  # the official decoder order
 
+# %% ../../nbs/25_cct.ipynb #f2418b8d
 def aux_counts(opts) -> dict:
-    "Auxiliary decoders per perturbation: the `aux_*` options, or the `aux` override ('f_noise:8', 'all:6', 'vat:2,drop:6')."
-    if opts.aux in (None, ''): counts = {p: int(getattr(opts, f'aux_{p}')) for p in PERTURBATIONS}
+    "Auxiliary decoders per perturbation: the `aux_*` options, or the `aux` override ('f_noise:8', 'all:6', ...)."
+    if opts.aux in (None, ''):
+        counts = {p: int(getattr(opts, f'aux_{p}')) for p in PERTURBATIONS}
     else:
         counts = dict.fromkeys(PERTURBATIONS, 0)
         for part in str(opts.aux).replace(' ', '').split(','):
             name, sep, k = part.partition(':')
             if not sep or not k.isdigit() or name not in (*PERTURBATIONS, 'all'):
-                raise ValueError(f"aux={opts.aux!r}: expected perturbation:count items from {', '.join(PERTURBATIONS)} or all, e.g. 'f_noise:4'")
-            for p in (PERTURBATIONS if name == 'all' else [name]): counts[p] = int(k)
+                raise ValueError(f"aux={opts.aux!r}: expected perturbation:count items from "
+                                 f"{', '.join(PERTURBATIONS)} or all, e.g. 'f_noise:4'")
+            for p in (PERTURBATIONS if name == 'all' else [name]):
+                counts[p] = int(k)
     if any(v < 0 for v in counts.values()) or sum(counts.values()) == 0:
         raise ValueError(f"CCT needs at least one auxiliary decoder, got {counts}")
     return counts
@@ -288,14 +351,14 @@ def aux_counts(opts) -> dict:
 # %% ../../nbs/25_cct.ipynb #6a9fcd1d
 @register_method('cct')
 class CCT(Method):
-    "Cross-consistency training: main decoder on labels, K perturbed auxiliary decoders agree with it on unlabeled images."
+    "Cross-consistency training: a main decoder on labels, K perturbed auxiliary decoders that agree with it."
     needs_unlabeled = 1
 
     @dataclass
     class Options:
         unsup_weight: float = 30.0        # λ_u, the final weight of the consistency loss
         rampup: float = 0.1               # sigmoid ramp-up of w_u over this fraction of `iters` (official 0.1)
-        aux: str | None = None            # override every count: 'f_noise:4' (one type), 'all:6' (CCT full), 'vat:2,drop:6'
+        aux: str | None = None          # override all counts: 'f_noise:4', 'all:6' (CCT full), 'vat:2,drop:6'
         aux_vat: int = 2                  # I-VAT decoders
         aux_drop: int = 6                 # DropOut (spatial dropout) decoders
         aux_cutout: int = 6               # G-Cutout decoders
@@ -318,60 +381,101 @@ class CCT(Method):
         ab_ce_rampup: float = 0.4         # η rises from 1/C to `ab_ce_end` over this fraction of `iters`
         ab_ce_min_kept: int = 1           # ab-CE keeps at least this many pixels per image
 
+        def __post_init__(self):
+            aux_counts(self)
+            if self.decoder not in DECODERS:
+                raise ValueError(f"decoder must be 'linear' or 'subpixel', got {self.decoder!r}")
+            checks = (("unsup_weight", self.unsup_weight >= 0, ">= 0"), ("vat_eps", self.vat_eps >= 0, ">= 0"),
+                      ("vat_xi", self.vat_xi > 0, "> 0"), ("uniform_range", self.uniform_range >= 0, ">= 0"),
+                      ("ab_ce_min_kept", self.ab_ce_min_kept >= 0, ">= 0"),
+                      ("rampup", 0 <= self.rampup <= 1, "in [0, 1] (a fraction of iters)"),
+                      ("ab_ce_rampup", 0 <= self.ab_ce_rampup <= 1, "in [0, 1] (a fraction of iters)"),
+                      ("drop_rate", 0 <= self.drop_rate < 1, "in [0, 1)"), ("erase", 0 < self.erase <= 1, "in (0, 1]"),
+                      ("cutout_min_area", 0 <= self.cutout_min_area <= 1, "in [0, 1]"),
+                      ("ab_ce_end", 0 < self.ab_ce_end <= 1, "in (0, 1]"),
+                      ("f_drop_lo", 0 <= self.f_drop_lo <= self.f_drop_hi <= 1, "in [0, f_drop_hi], f_drop_hi <= 1"))
+            for name, ok, need in checks:
+                if not ok:
+                    raise ValueError(f"{name} must be {need}, got {getattr(self, name)!r}")
+
     def __init__(self, cfg, opts, num_classes):
         super().__init__(cfg, opts, num_classes)
         self.net = self.make_net()
         c = self.net.feature_channels
-        if opts.decoder == 'subpixel': self.net.classifier = DecoderBank(1, c, num_classes, 'subpixel', upscale=4)
+        if opts.decoder == 'subpixel':
+            self.net.classifier = DecoderBank(1, c, num_classes, 'subpixel', upscale=4)
         self.counts = aux_counts(opts)
         self.aux = DecoderBank(sum(self.counts.values()), c, num_classes, opts.decoder, upscale=4)
         ctx = [int(s) for s in str(opts.context_classes).replace(' ', '').split(',') if s != '']
-        if any(not 0 <= k < num_classes for k in ctx): raise ValueError(f"context_classes={opts.context_classes!r}: classes are 0..{num_classes - 1}")
+        if any(not 0 <= k < num_classes for k in ctx):
+            raise ValueError(f"context_classes={opts.context_classes!r}: classes are 0..{num_classes - 1}")
         self.register_buffer('is_context', torch.tensor([k in ctx for k in range(num_classes)]), persistent=False)
 
-    def eval_model(self): return self.net
+    def eval_model(self):
+        return self.net
 
-    def objects(self, main_logits, size):
-        "Boolean object mask (B, h, w) at the resolution `size` of z from the main decoder's logits."
-        fg = ~self.is_context[main_logits.argmax(1)]
-        if tuple(fg.shape[-2:]) != tuple(size): fg = F.interpolate(fg[:, None].float(), size=tuple(size), mode='nearest')[:, 0] > 0.5
-        return fg
+# %% ../../nbs/25_cct.ipynb #41d0c725
+@patch
+def objects(self: CCT, main_logits, size):
+    "Boolean object mask (B, h, w) at the resolution `size` of z from the main decoder's logits."
+    fg = ~self.is_context[main_logits.argmax(1)]
+    if tuple(fg.shape[-2:]) != tuple(size):
+        fg = F.interpolate(fg[:, None].float(), size=tuple(size), mode='nearest')[:, 0] > 0.5
+    return fg
 
-    def aux_logits(self, z, fg, size):
-        "Logits (B, K, classes, h', w') of every auxiliary decoder on its perturbed copy of z (`size`: input size, for I-VAT)."
-        o, bank, parts, k0 = self.opts, self.aux, [], 0
-        wz = bank.first(z)                                         # W_k z for all K decoders: one matrix product
-        for name, n in self.counts.items():
-            if n == 0: continue
-            ks, mul, add = slice(k0, k0 + n), None, None
-            if name == 'vat':
-                def decode(x, dx, ks=ks):                          # the VAT decoders alone (detached), at input size
-                    y, dy = bank.rest(bank.first(x, ks, torch.float32), ks, torch.float32, dy=bank.first(dx, ks, torch.float32))
-                    return upsample(y, size), upsample(dy, size)
-                add = vat_noise(z, decode, n, o.vat_xi, o.vat_eps)
-            elif name == 'drop': mul = spatial_dropout(z, n, o.drop_rate)
-            elif name == 'cutout': mul = guided_cutout(fg, n, o.erase, o.cutout_min_area, z.dtype)
-            elif name == 'con_msk': mul = context_masking(fg, n, z.dtype)
-            elif name == 'obj_msk': mul = object_masking(fg, n, z.dtype)
-            elif name == 'f_drop': mul = feature_drop(z, n, o.f_drop_lo, o.f_drop_hi)
-            elif name == 'f_noise': mul = feature_noise(z, n, o.uniform_range)
-            parts.append(bank.perturbed_first(z, wz[:, ks], ks, mul, add)); k0 += n
-        return bank.rest(torch.cat(parts, 1))
+# %% ../../nbs/25_cct.ipynb #8fe5fbd1
+@patch
+def aux_logits(self: CCT, z, fg, size):
+    "Logits (B, K, classes, h', w') of each auxiliary decoder on its perturbed copy of z (`size`: input size, I-VAT)."
+    o, bank, parts, k0 = self.opts, self.aux, [], 0
+    wz = bank.first(z)                                         # W_k z for all K decoders: one matrix product
+    for name, n in self.counts.items():
+        if n == 0:
+            continue
+        ks, mul, add = slice(k0, k0 + n), None, None
+        if name == 'vat':
+            def decode(x, dx, ks=ks):                          # the VAT decoders alone (detached), at input size
+                y, dy = bank.rest(bank.first(x, ks, torch.float32), ks, torch.float32,
+                                  dy=bank.first(dx, ks, torch.float32))
+                return upsample(y, size), upsample(dy, size)
+            add = vat_noise(z, decode, n, o.vat_xi, o.vat_eps)
+        elif name == 'drop':
+            mul = spatial_dropout(z, n, o.drop_rate)
+        elif name == 'cutout':
+            mul = guided_cutout(fg, n, o.erase, o.cutout_min_area, z.dtype)
+        elif name == 'con_msk':
+            mul = context_masking(fg, n, z.dtype)
+        elif name == 'obj_msk':
+            mul = object_masking(fg, n, z.dtype)
+        elif name == 'f_drop':
+            mul = feature_drop(z, n, o.f_drop_lo, o.f_drop_hi)
+        elif name == 'f_noise':
+            mul = feature_noise(z, n, o.uniform_range)
+        parts.append(bank.perturbed_first(z, wz[:, ks], ks, mul, add))
+        k0 += n
+    return bank.rest(torch.cat(parts, 1))
 
-    def supervised_loss(self, logits, mask, it):
-        if not self.opts.ab_ce: return self.sup_loss(logits, mask)
-        o = self.opts
-        return ab_ce(logits, mask, ab_ce_threshold(it, self.cfg.iters, self.num_classes, o.ab_ce_end, o.ab_ce_rampup), o.ab_ce_min_kept)
+# %% ../../nbs/25_cct.ipynb #c7524821
+@patch
+def supervised_loss(self: CCT, logits, mask, it):
+    "L_s: CE on the labeled batch, or ab-CE with its annealed threshold (`ab_ce=true`)."
+    if not self.opts.ab_ce:
+        return self.sup_loss(logits, mask)
+    o = self.opts
+    eta = ab_ce_threshold(it, self.cfg.iters, self.num_classes, o.ab_ce_end, o.ab_ce_rampup)
+    return ab_ce(logits, mask, eta, o.ab_ce_min_kept)
 
-    def forward(self, labeled, unlabeled, it):
-        net, size = self.net, labeled['image'].shape[-2:]
-        loss_sup = self.supervised_loss(net(labeled['image']), labeled['mask'], it)      # L_s on the main decoder
-        xu = unlabeled[0]['image']
-        z = net.decode(*net.encode(xu))                                                   # z = h(x_u)
-        with torch.no_grad():
-            main = net.classifier(z)                                                      # g(z): target and guide only
-            target = F.interpolate(main, size=xu.shape[-2:], mode='bilinear', align_corners=True).softmax(1)
-            fg = self.objects(main, z.shape[-2:])
-        cons = consistency_loss(self.aux_logits(z, fg, xu.shape[-2:]), target)           # L_u, at input size
-        w = unsup_weight(it, self.cfg.iters, self.opts.unsup_weight, self.opts.rampup)
-        return dict(loss_sup=loss_sup, loss_unsup=w * cons, consistency=cons.detach(), w_u=torch.tensor(w))
+# %% ../../nbs/25_cct.ipynb #7d279046
+@patch
+def forward(self: CCT, labeled, unlabeled, it):
+    net = self.net
+    loss_sup = self.supervised_loss(net(labeled['image']), labeled['mask'], it)   # L_s on the main decoder
+    img_u = unlabeled[0]['image']
+    feat_u = net.decode(*net.encode(img_u))                                        # z = h(x_u)
+    with torch.no_grad():
+        pred_u = net.classifier(feat_u)                                            # g(z): target and guide only
+        prob_u = F.interpolate(pred_u, size=img_u.shape[-2:], mode='bilinear', align_corners=True).softmax(1)
+        fg_u = self.objects(pred_u, feat_u.shape[-2:])
+    cons = consistency_loss(self.aux_logits(feat_u, fg_u, img_u.shape[-2:]), prob_u)   # L_u, at input size
+    w = unsup_weight(it, self.cfg.iters, self.opts.unsup_weight, self.opts.rampup)
+    return dict(loss_sup=loss_sup, loss_unsup=w * cons, consistency=cons.detach(), w_u=torch.tensor(w))

@@ -16,28 +16,33 @@ import torch.nn.functional as F
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 from torch.utils.data._utils.collate import default_collate
+from fastcore.basics import patch
 from ..core import IGNORE_INDEX, register_method, get_device, load_checkpoint, load_weights
 from .. import data as D
 from ..transforms import train_transform, eval_transform, strong_photometric
 from ..models import build_model
-from ..train import (TrainConfig, Method, make_config, parse_args, dataset_items, split_ids, collate, write_json,
+from ..train import (TrainConfig, Method, make_config, parse_args, dataset_items, split_ids, write_json,
                            InfiniteSampler, Seeded)
-from .self_training import write_pseudo_labels, pseudo_label_miou, unlabeled_dataset, run_stage
+from ..pseudo import pseudo_label, pseudo_label_miou, tta_scales
+from .self_training import unlabeled_dataset, run_stage
 
 # %% auto #0
-__all__ = ['GAP_EPS', 'TTA', 'STEPS', 'BEST_WARNING', 'PSEUDO_BARS', 'masked_average_pool', 'cisc_map', 'rectified_ce',
-           'skip_classes', 'present_classes', 'query_index', 'query_candidates', 'pair_in_batch', 'cisc_pair_loss',
-           'CISCStage1', 'class_anchors', 'cisc_distance', 'smaller_half', 'select_reliable', 'load_net', 'QueryPairs',
-           'CISCRectify', 'tta_scales', 'pseudo_label', 'run_ciscr', 'plot_pseudo_quality', 'main']
+__all__ = ['GAP_EPS', 'STEPS', 'BEST_WARNING', 'PSEUDO_BARS', 'masked_average_pool', 'cisc_map', 'rectified_ce', 'skip_classes',
+           'present_classes', 'query_index', 'query_candidates', 'pair_in_batch', 'cisc_pair_loss', 'CISCStage1',
+           'class_anchors', 'cisc_distance', 'smaller_half', 'select_reliable', 'load_net', 'QueryPairs', 'CISCRectify',
+           'run_ciscr', 'plot_pseudo_quality', 'main']
 
 # %% ../../nbs/27_ciscr.ipynb #7fe795e8
-GAP_EPS = 5e-4  # added to the mask area in the masked average pooling (official `Weighted_GAP`)
-
 def _resize(x: torch.Tensor, size) -> torch.Tensor:
     "Bilinear resize (align_corners=False, torch's default, as in the official code) of (B,h,w) maps to `size`."
-    return x if tuple(x.shape[-2:]) == tuple(size) else \
-        F.interpolate(x.unsqueeze(1), size=tuple(size), mode="bilinear", align_corners=False)[:, 0]
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    return F.interpolate(x.unsqueeze(1), size=tuple(size), mode="bilinear", align_corners=False)[:, 0]
 
+# %% ../../nbs/27_ciscr.ipynb #328fce85
+GAP_EPS = 5e-4  # added to the mask area in the masked average pooling (official `Weighted_GAP`)
+
+# %% ../../nbs/27_ciscr.ipynb #e3197878
 def masked_average_pool(feats: torch.Tensor,  # (B,C,h,w) features
                         mask: torch.Tensor     # (B,H,W) 0/1 class mask
                        ) -> torch.Tensor:
@@ -47,12 +52,14 @@ def masked_average_pool(feats: torch.Tensor,  # (B,C,h,w) features
         feats = F.interpolate(feats, size=m.shape[-2:], mode="bilinear", align_corners=False)
     return (feats * m).sum((2, 3), keepdim=True) / (m.sum((2, 3), keepdim=True) + GAP_EPS)
 
+# %% ../../nbs/27_ciscr.ipynb #a17d9108
 def cisc_map(feats: torch.Tensor,      # (B,C,h,w) features
              prototype: torch.Tensor   # (B,C,1,1) prototypes (e.g. `masked_average_pool` of another image)
             ) -> torch.Tensor:
     "Per-pixel cosine similarity (B,h,w) between `feats` and `prototype` (in [0, 1] for post-ReLU features)."
     return F.cosine_similarity(feats, prototype, dim=1)
 
+# %% ../../nbs/27_ciscr.ipynb #7c90aff5
 def rectified_ce(logits: torch.Tensor,        # (B,K,H,W) student logits on the unlabeled image
                  pseudo_label: torch.Tensor,  # (B,H,W) pseudo label y_u (255 = ignore)
                  class_mask: torch.Tensor,    # (B,H,W) 0/1 mask m_u of the queried class k in y_u
@@ -67,24 +74,31 @@ def rectified_ce(logits: torch.Tensor,        # (B,K,H,W) student logits on the 
 # %% ../../nbs/27_ciscr.ipynb #6fd2e386
 def skip_classes(dataset: str, query_classes: str = "auto") -> tuple[int, ...]:
     "Classes never used as query classes: 'auto' (background 0 on voc/synthetic), 'none', or e.g. '0,3'."
-    if query_classes == "auto": return (0,) if dataset in ("voc", "synthetic") else ()
-    if query_classes in (None, "", "none"): return ()
+    if query_classes == "auto":
+        return (0,) if dataset in ("voc", "synthetic") else ()
+    if query_classes in (None, "", "none"):
+        return ()
     return tuple(int(c) for c in str(query_classes).split(","))
 
+# %% ../../nbs/27_ciscr.ipynb #d7fb3a2d
 def present_classes(mask, min_area: float = 0.03, skip=()) -> list[int]:
     "Classes covering at least `min_area` of the (H, W) label map (ignore label and `skip` excluded), ascending."
     m = torch.as_tensor(np.asarray(mask) if not torch.is_tensor(mask) else mask).flatten().long()
     counts = torch.bincount(m, minlength=256)
     need = min_area * m.numel()
-    return [c for c in torch.nonzero(counts).flatten().tolist() if c != IGNORE_INDEX and c not in skip and counts[c] >= need]
+    return [c for c in torch.nonzero(counts).flatten().tolist()
+            if c != IGNORE_INDEX and c not in skip and counts[c] >= need]
 
+# %% ../../nbs/27_ciscr.ipynb #fb0db48b
 def query_index(masks: dict, min_area: float = 0.03, skip=()) -> dict[int, list[str]]:
     "class -> ids of the images (`masks`: id -> (H,W) label map) in which the class covers at least `min_area`."
     index = {}
     for id_, m in masks.items():
-        for c in present_classes(m, min_area, skip): index.setdefault(c, []).append(id_)
+        for c in present_classes(m, min_area, skip):
+            index.setdefault(c, []).append(id_)
     return index
 
+# %% ../../nbs/27_ciscr.ipynb #fc34ea5d
 def query_candidates(index: dict, classes, exclude: str | None = None) -> list[str]:
     "The concatenated query lists of `classes` (an id appears once per shared class), without `exclude`."
     return [i for c in classes for i in index.get(c, index.get(str(c), [])) if i != exclude]
@@ -92,24 +106,27 @@ def query_candidates(index: dict, classes, exclude: str | None = None) -> list[s
 # %% ../../nbs/27_ciscr.ipynb #9225be97
 def pair_in_batch(masks: torch.Tensor,  # (B,H,W) label maps of a batch
                   min_area: float = 0.03, skip=(), generator: torch.Generator | None = None):
-    "For each image a random partner sharing a class (≥ `min_area`) and the shared class: (partner (B,), cls (B,); -1 = none)."
+    "For each image a random partner sharing a class (≥ `min_area`) and the class: (partner (B,), cls (B,); -1 = none)."
     B = masks.shape[0]
     present = [set(present_classes(m.cpu(), min_area, skip)) for m in masks]
     partner, cls = torch.arange(B), torch.full((B,), -1, dtype=torch.long)
     for i in range(B):
         cands = [j for j in range(B) if j != i and present[i] & present[j]]
-        if not cands: continue
+        if not cands:
+            continue
         j = cands[int(torch.randint(len(cands), (1,), generator=generator))]
         shared = sorted(present[i] & present[j])
         partner[i], cls[i] = j, shared[int(torch.randint(len(shared), (1,), generator=generator))]
     return partner.to(masks.device), cls.to(masks.device)
 
+# %% ../../nbs/27_ciscr.ipynb #f3cea37d
 def _bce_valid(s: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     "BCE of a [0, 1] map against 0/1 targets, averaged over `valid` pixels (0 if there are none)."
     with torch.autocast(s.device.type, enabled=False):
         bce = F.binary_cross_entropy(s.float().clamp(0, 1), target.float(), reduction="none")
     return (bce * valid).sum() / valid.sum().clamp_min(1)
 
+# %% ../../nbs/27_ciscr.ipynb #f4ff92e4
 def cisc_pair_loss(feats: torch.Tensor,   # (B,C,h,w) features of the batch
                    masks: torch.Tensor,   # (B,H,W) labels
                    partner: torch.Tensor, cls: torch.Tensor,  # from `pair_in_batch`
@@ -124,6 +141,18 @@ def cisc_pair_loss(feats: torch.Tensor,   # (B,C,h,w) features of the batch
     return _bce_valid(sa, ma, masks != ignore_index) + _bce_valid(sb, mb, masks[partner] != ignore_index)
 
 # %% ../../nbs/27_ciscr.ipynb #ecda3cae
+def _check_area_and_classes(opts):
+    "Validate the options `min_area` and `query_classes` that CISC-R's methods share."
+    if not 0 <= opts.min_area <= 1:
+        raise ValueError(f"min_area must be a share of the image in [0, 1], got {opts.min_area!r}")
+    if opts.query_classes not in ("auto", "none", "", None):
+        try:
+            skip_classes("", opts.query_classes)
+        except ValueError:
+            raise ValueError(f"query_classes must be auto, none or comma-separated class ids such as '0,3', "
+                             f"got {opts.query_classes!r}") from None
+
+# %% ../../nbs/27_ciscr.ipynb #d718f9cd
 @register_method("ciscr_stage1")
 class CISCStage1(Method):
     "CISC-R stage 1 (SupOnly + L_CISC): CE on labeled images plus the bidirectional CISC loss between in-batch pairs."
@@ -133,20 +162,26 @@ class CISCStage1(Method):
         min_area: float = 0.03        # a class counts in an image when it covers at least this share
         query_classes: str = "auto"   # classes never paired on: auto (background 0 on voc/synthetic) | none | '0,3'
 
+        def __post_init__(self):
+            if self.cisc_weight < 0:
+                raise ValueError(f"cisc_weight must be >= 0, got {self.cisc_weight!r}")
+            _check_area_and_classes(self)
+
     def __init__(self, cfg, opts, num_classes):
         super().__init__(cfg, opts, num_classes)
         self.net = self.make_net()
         self.skip = skip_classes(cfg.dataset, opts.query_classes)
 
     def forward(self, labeled, unlabeled, it):
-        x, y = labeled["image"], labeled["mask"]
-        logits, feats = self.net(x, return_features=True)
-        partner, cls = pair_in_batch(y, self.opts.min_area, self.skip)
-        return {"loss_sup": self.sup_loss(logits, y),
-                "loss_cisc": self.opts.cisc_weight * cisc_pair_loss(feats.float(), y, partner, cls),
+        img_x, mask_x = labeled["image"], labeled["mask"]
+        pred_x, feat_x = self.net(img_x, return_features=True)
+        partner, cls = pair_in_batch(mask_x, self.opts.min_area, self.skip)
+        return {"loss_sup": self.sup_loss(pred_x, mask_x),
+                "loss_cisc": self.opts.cisc_weight * cisc_pair_loss(feat_x.float(), mask_x, partner, cls),
                 "paired": (cls >= 0).float().mean()}
 
-    def eval_model(self): return self.net
+    def eval_model(self):
+        return self.net
 
 # %% ../../nbs/27_ciscr.ipynb #6bbbaa15
 @torch.no_grad()
@@ -154,33 +189,46 @@ def _features(net: nn.Module, ds, device, batch_size: int = 16):
     "Yield (id, feats (1,C,h,w), mask (H,W)) for every image of `ds` (evaluated whole, eval mode)."
     modes = {m: m.training for m in net.modules()}
     net.eval()
+
+    def flush(buf):
+        _, f = net(torch.stack([s["image"].as_subclass(torch.Tensor) for s in buf]).to(device), return_features=True)
+        for s, fi in zip(buf, f.float()):
+            yield s["id"], fi[None], s["mask"].as_subclass(torch.Tensor).to(device)
+
     try:
         buf = []
-        def flush():
-            _, f = net(torch.cat([b["image"] for b in buf]).to(device), return_features=True)
-            for b, fi in zip(buf, f.float()): yield b["id"][0], fi[None], b["mask"][0].to(device)
-        for s in DataLoader(ds, batch_size=1, collate_fn=collate):
-            if buf and (len(buf) == batch_size or s["image"].shape != buf[0]["image"].shape): yield from flush(); buf = []
+        for s in DataLoader(ds, batch_size=None):   # samples one by one
+            if buf and (len(buf) == batch_size or s["image"].shape != buf[0]["image"].shape):
+                yield from flush(buf)
+                buf = []
             buf.append(s)
-        if buf: yield from flush()
+        if buf:
+            yield from flush(buf)
     finally:
-        for m, mode in modes.items(): m.training = mode
+        for m, mode in modes.items():
+            m.training = mode
 
+# %% ../../nbs/27_ciscr.ipynb #5e4d080f
 @torch.no_grad()
 def class_anchors(net: nn.Module, ds, num_classes: int, device=None) -> torch.Tensor:
     "(K, C) class anchors: mean of the per-image masked-average-pooled features over the images holding each class."
     device = device or next(net.parameters()).device
     total, n = None, torch.zeros(num_classes, device=device)
     for _, f, m in _features(net, ds, device):
-        if total is None: total = torch.zeros(num_classes, f.shape[1], device=device)
+        if total is None:
+            total = torch.zeros(num_classes, f.shape[1], device=device)
         for k in m.unique().tolist():
-            if k == IGNORE_INDEX or k >= num_classes: continue
-            total[k] += masked_average_pool(f, (m == k)[None]).flatten(); n[k] += 1
+            if k == IGNORE_INDEX or k >= num_classes:
+                continue
+            total[k] += masked_average_pool(f, (m == k)[None]).flatten()
+            n[k] += 1
     return total / n.clamp_min(1)[:, None]
 
+# %% ../../nbs/27_ciscr.ipynb #91505194
 def cisc_distance(feats: torch.Tensor, mask: torch.Tensor, anchors: torch.Tensor, classes) -> float:
     "D of (10): Σ over `classes` of BCE(cos(F, a_k) resized to the mask, 1[mask = k]) averaged over non-ignored pixels."
-    if not classes: return math.inf
+    if not classes:
+        return math.inf
     valid = mask != IGNORE_INDEX
     d = 0.
     for k in classes:
@@ -188,6 +236,7 @@ def cisc_distance(feats: torch.Tensor, mask: torch.Tensor, anchors: torch.Tensor
         d += float(_bce_valid(s, mask == k, valid))
     return d
 
+# %% ../../nbs/27_ciscr.ipynb #4daf4f86
 def smaller_half(dist: dict) -> tuple[list, list]:
     "Split ids by distance: (the ⌊n/2⌋ ids of smallest distance, the rest), each sorted by distance."
     order = sorted(dist, key=lambda i: (dist[i], str(i)))
@@ -195,8 +244,8 @@ def smaller_half(dist: dict) -> tuple[list, list]:
 
 # %% ../../nbs/27_ciscr.ipynb #078f9842
 @torch.no_grad()
-def select_reliable(net: nn.Module, labeled, unlabeled, num_classes: int,  # datasets at full size, `unlabeled` with pseudo labels as masks
-                    min_area: float = 0.03, skip=(), device=None) -> dict:
+def select_reliable(net: nn.Module, labeled, unlabeled, num_classes: int,  # full-size datasets, `unlabeled` with
+                    min_area: float = 0.03, skip=(), device=None) -> dict:  # pseudo labels as masks
     "Algorithm 1: dict(query={class: ids}, reliable, unreliable, d_unlabeled, d_labeled={class: {id: D}})."
     device = device or next(net.parameters()).device
     anchors = class_anchors(net, labeled, num_classes, device)
@@ -221,8 +270,12 @@ def load_net(path, device="cpu") -> nn.Module:
     load_weights(net, state, f"teacher checkpoint {path} (method={ck.get('method')})")
     return net.to(device).eval().requires_grad_(False)
 
-def _plain(t): return t.as_subclass(torch.Tensor) if isinstance(t, torch.Tensor) else t
+# %% ../../nbs/27_ciscr.ipynb #c4c68f96
+def _plain(t):
+    "A tensor subclass (torchvision's Image, Mask) as a plain tensor; anything else unchanged."
+    return t.as_subclass(torch.Tensor) if isinstance(t, torch.Tensor) else t
 
+# %% ../../nbs/27_ciscr.ipynb #65a0ca66
 class QueryPairs(torch.utils.data.Dataset):
     "Unlabeled images with pseudo labels, each with a queried labeled image sharing a class and the two class masks."
     def __init__(self, unlabeled: D.SegDataset,  # items (id, image, pseudo-label png), with a joint train transform
@@ -232,26 +285,36 @@ class QueryPairs(torch.utils.data.Dataset):
         self.unlabeled, self.labeled, self.min_area, self.skip, self.tries = unlabeled, labeled, min_area, skip, tries
         self.pos = {i: n for n, i in enumerate(labeled.ids)}
         self.index = {int(k): [i for i in v if i in self.pos] for k, v in index.items()}
-    def __len__(self): return len(self.unlabeled)
+
+    def __len__(self):
+        return len(self.unlabeled)
+
     def __getitem__(self, i):
         u = self.unlabeled[i]
-        yu = _plain(u["mask"])
-        cu = present_classes(yu, self.min_area, self.skip)
-        cands = query_candidates(self.index, cu)
-        j = self.pos[cands[int(torch.randint(len(cands), (1,)))]] if cands else int(torch.randint(len(self.labeled), (1,)))
+        mask_u = _plain(u["mask"])
+        classes_u = present_classes(mask_u, self.min_area, self.skip)
+        cands = query_candidates(self.index, classes_u)
+        if cands:
+            j = self.pos[cands[int(torch.randint(len(cands), (1,)))]]
+        else:
+            j = int(torch.randint(len(self.labeled), (1,)))
         for _ in range(self.tries):
             q = self.labeled[j]
-            shared = sorted(set(cu) & set(present_classes(_plain(q["mask"]), self.min_area, self.skip)))
-            if shared or not cands: break
-        yq = _plain(q["mask"])
+            shared = sorted(set(classes_u) & set(present_classes(_plain(q["mask"]), self.min_area, self.skip)))
+            if shared or not cands:
+                break
+        mask_q = _plain(q["mask"])
         k = shared[int(torch.randint(len(shared), (1,)))] if shared else -1
-        return dict(image=_plain(u["image"]), mask=yu, image_q=_plain(q["image"]), mask_q=yq,
-                    map=(yu == k).long() if k >= 0 else torch.zeros_like(yu), map_q=(yq == k).long() if k >= 0 else torch.zeros_like(yq),
+        return dict(image=_plain(u["image"]), mask=mask_u, image_q=_plain(q["image"]), mask_q=mask_q,
+                    map=(mask_u == k).long() if k >= 0 else torch.zeros_like(mask_u),
+                    map_q=(mask_q == k).long() if k >= 0 else torch.zeros_like(mask_q),
                     cls=k, id=u["id"], id_q=q["id"])
 
+# %% ../../nbs/27_ciscr.ipynb #f3ea7f47
 def _rank_world():
     return (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
 
+# %% ../../nbs/27_ciscr.ipynb #2a139c16
 def _pool_datasets(cfg: TrainConfig, transform):
     "(labeled, unlabeled item lists, num_classes, label_map, names) of `cfg`'s partition."
     items, nc, names, lmap, fixed, root = dataset_items(cfg, cfg.train_split)
@@ -260,30 +323,37 @@ def _pool_datasets(cfg: TrainConfig, transform):
     return D.SegDataset([by_id[i] for i in lab], transform=transform, label_map=lmap, class_names=names), \
            [by_id[i] for i in unl], nc, lmap, names
 
+# %% ../../nbs/27_ciscr.ipynb #fec9533a
 @register_method("ciscr_rectify")
 class CISCRectify(Method):
-    "CISC-R stages 2/3: L_s on labeled images + the rectified CE on pseudo-labeled images, CISC maps from a frozen teacher."
+    "CISC-R stages 2/3: L_s on labeled images + rectified CE on pseudo-labeled ones, CISC maps from a frozen teacher."
     @dataclass
     class Options:
         teacher: str | None = None        # checkpoint (.pt) of the frozen model that draws the CISC maps
         pseudo_dir: str | None = None     # folder of <id>.png pseudo labels of the unlabeled images
         unlabeled_ids: str | None = None  # split file: the unlabeled ids to train on (default: all of the partition)
-        query_lists: str | None = None    # JSON {class: [labeled ids]} (Algorithm 1); default: all labeled images with the class
+        query_lists: str | None = None    # JSON {class: [labeled ids]} (Algorithm 1); default: all labeled images
         min_area: float = 0.03            # a class counts in an image when it covers at least this share
         query_classes: str = "auto"       # classes never queried: auto (background 0 on voc/synthetic) | none | '0,3'
         rectify: bool = True              # false: weight 1 everywhere (plain self-training on the pseudo labels)
         strong_aug: bool = True           # colour jitter / grayscale / blur on the unlabeled images (official stage 2)
 
+        def __post_init__(self):
+            _check_area_and_classes(self)
+
     def __init__(self, cfg, opts, num_classes):
         super().__init__(cfg, opts, num_classes)
         if opts.teacher is None or opts.pseudo_dir is None:
-            raise ValueError("method=ciscr_rectify needs teacher=<checkpoint .pt> and pseudo_dir=<folder of <id>.png pseudo labels>")
+            raise ValueError("method=ciscr_rectify needs teacher=<checkpoint .pt> "
+                             "and pseudo_dir=<folder of <id>.png pseudo labels>")
         self.net = self.make_net()
         self.skip = skip_classes(cfg.dataset, opts.query_classes)
         self._teacher, self._stream = [], None   # a list keeps the teacher out of the state_dict and the optimiser
 
     def teacher(self, device) -> nn.Module:
-        if not self._teacher: self._teacher.append(load_net(self.opts.teacher, device))
+        "The frozen teacher network, loaded at the first call."
+        if not self._teacher:
+            self._teacher.append(load_net(self.opts.teacher, device))
         return self._teacher[0]
 
     def pairs_dataset(self) -> QueryPairs:
@@ -312,37 +382,29 @@ class CISCRectify(Method):
                                            collate_fn=default_collate, drop_last=True, persistent_workers=self.cfg.workers > 0))
         return {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in next(self._stream).items()}
 
-    def forward(self, labeled, unlabeled, it):
-        xl, yl = labeled["image"], labeled["mask"]
-        p = self.next_pairs(it, xl.device)
-        xu = strong_photometric(p["image"]) if self.opts.strong_aug else p["image"]
-        B = xu.shape[0]
-        with torch.no_grad():
-            _, f = self.teacher(xl.device)(torch.cat([xu, p["image_q"]]), return_features=True)
-            s = cisc_map(f[:B].float(), masked_average_pool(f[B:].float(), p["map_q"]))
-        logits = self.net(torch.cat([xu, xl]))
-        lu, ll = logits[:B], logits[B:]
-        cisc = s if self.opts.rectify else p["map"].float()
-        s_full = _resize(s, p["mask"].shape[-2:])
-        return {"loss_sup": self.sup_loss(ll, yl), "loss_u": rectified_ce(lu, p["mask"], p["map"], cisc),
-                "weight": (1 - (p["map"].float() - s_full).abs()).mean(), "queried": (p["cls"] >= 0).float().mean()}
+    def eval_model(self):
+        return self.net
 
-    def eval_model(self): return self.net
     def unlabeled_count(self, data) -> int: return len(self.pairs_dataset())   # its own stream of pseudo-labeled images
 
-# %% ../../nbs/27_ciscr.ipynb #d076821a
-TTA = dict(protocol="msf", scales=(0.5, 0.75, 1.0, 1.5, 2.0), flip=True)  # CISC-R's labelling protocol
-
-def tta_scales(scale=None) -> tuple:
-    "The TTA scales within a run's training `scale` range (None: no rescaling, scale 1 only)."
-    lo, hi = (1.0, 1.0) if scale is None else (min(scale), max(scale))
-    return tuple(s for s in TTA["scales"] if lo - 1e-9 <= s <= hi + 1e-9 or s == 1.0)
-
-def pseudo_label(net: nn.Module, dataset, out_dir, tta: bool = True, device=None, workers: int = 0,
-                 scales=TTA["scales"]) -> dict:
-    "Write `<out_dir>/<id>.png` (argmax of the TTA mean softmax over `scales` × flip, or a whole-image prediction) for images not yet labelled."
-    kw = {**TTA, "scales": tuple(scales)} if tta else dict(protocol="whole")
-    return write_pseudo_labels(net, dataset, out_dir, device=device, workers=workers, resume=True, **kw)
+# %% ../../nbs/27_ciscr.ipynb #39d99b57
+@patch
+def forward(self: CISCRectify, labeled, unlabeled, it):
+    img_x, mask_x = labeled["image"], labeled["mask"]
+    pairs = self.next_pairs(it, img_x.device)
+    img_u = strong_photometric(pairs["image"]) if self.opts.strong_aug else pairs["image"]
+    bu = img_u.shape[0]
+    with torch.no_grad():
+        _, feat_t = self.teacher(img_x.device)(torch.cat([img_u, pairs["image_q"]]), return_features=True)
+        cisc_u = cisc_map(feat_t[:bu].float(), masked_average_pool(feat_t[bu:].float(), pairs["map_q"]))   # m'_u
+    pred = self.net(torch.cat([img_u, img_x]))
+    pred_u, pred_x = pred[:bu], pred[bu:]
+    cisc = cisc_u if self.opts.rectify else pairs["map"].float()
+    cisc_full = _resize(cisc_u, pairs["mask"].shape[-2:])
+    return {"loss_sup": self.sup_loss(pred_x, mask_x),
+            "loss_u": rectified_ce(pred_u, pairs["mask"], pairs["map"], cisc),
+            "weight": (1 - (pairs["map"].float() - cisc_full).abs()).mean(),
+            "queried": (pairs["cls"] >= 0).float().mean()}
 
 # %% ../../nbs/27_ciscr.ipynb #2c510f19
 STEPS = ("stage1", "pseudo0", "select", "stage2", "pseudo1", "stage3")

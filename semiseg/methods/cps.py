@@ -6,130 +6,61 @@ Docs: https://semiseg.github.io/semiseg/cps.html.md"""
 
 # %% ../../nbs/21_cps.ipynb #f7800d85
 from __future__ import annotations
-from contextlib import contextmanager
 from dataclasses import dataclass
 import torch
 import torch.nn as nn
+from fastcore.basics import patch
 from ..core import IGNORE_INDEX, register_method
 from ..train import Method
 from ..losses import ce_loss, cpc_loss, sigmoid_rampup
 from ..transforms import box_mask, mix
-from .ucc import StrongPasteOptions, StrongAndPaste
+from ..augment import StrongPasteOptions, StrongAndPaste
+from ..pseudo import agreement, forward_parts, hard_labels, mixed_net_labels, net_labels, pseudo_label_accuracy
 
 # %% auto #0
-__all__ = ['draw_schematic', 'forward_parts', 'eval_mode', 'pseudo_labels', 'mixed_pseudo_labels', 'agreement',
-           'pseudo_label_accuracy', 'hard_labels', 'CoTraining', 'CPS', 'CPSCutMix', 'SPS', 'SPSCutMix', 'CPC']
-
-# %% ../../nbs/21_cps.ipynb #04f31c66
-def draw_schematic(figsize=(12, 3.4)):
-    "The CPS paper's Fig. 1 (a, b) and eq. 9 side by side: CPS, CPC and SPS; → forward, ⇢ loss, // stop-gradient."
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 3, figsize=figsize)
-    box = dict(boxstyle="round,pad=0.3", fc="#eef3fb", ec="#4a6fa5")
-    lbox = dict(boxstyle="round,pad=0.25", fc="#fdf3e7", ec="#c98a2b")
-    def node(ax, xy, s, style=box): ax.text(*xy, s, ha="center", va="center", fontsize=11, bbox=style, zorder=3)
-    def fwd(ax, a, b, stop=False):
-        ax.annotate("", b, a, arrowprops=dict(arrowstyle="-|>", color="k", lw=1.2, shrinkA=14, shrinkB=14))
-        if stop: ax.text((a[0] + b[0]) / 2, (a[1] + b[1]) / 2, "//", ha="center", va="center", fontsize=12, color="#b22", weight="bold")
-    def sup(ax, a, b, rad=0.0, color="#c98a2b"):
-        ax.annotate("", b, a, arrowprops=dict(arrowstyle="-|>", ls="--", color=color, lw=1.4, shrinkA=12, shrinkB=12,
-                                              connectionstyle=f"arc3,rad={rad}"))
-    for ax in axes: ax.set_xlim(0, 4.2); ax.set_ylim(0, 3); ax.axis("off")
-    ax = axes[0]; ax.set_title("(a) CPS: cross pseudo supervision", fontsize=11)
-    node(ax, (0.3, 1.5), "X")
-    for y, k in ((2.4, 1), (0.6, 2)):
-        node(ax, (1.3, y), f"f(θ{k})"); node(ax, (2.4, y), f"P{k}"); node(ax, (3.6, y), f"Y{k}", lbox)
-        fwd(ax, (0.3, 1.5), (1.3, y)); fwd(ax, (1.3, y), (2.4, y)); fwd(ax, (2.4, y), (3.6, y), stop=True)
-    sup(ax, (3.6, 2.4), (2.4, 0.6)); sup(ax, (3.6, 0.6), (2.4, 2.4))
-    ax.text(2.1, -0.15, "semiseg's default: Y from the weak image, P on a strong view;\nlabeled objects pasted into X (UCC's two ingredients)", ha="center", fontsize=8.5, color="#555")
-    ax = axes[1]; ax.set_title("(b) CPC: cross probability consistency", fontsize=11)
-    node(ax, (0.3, 1.5), "X")
-    for y, k in ((2.4, 1), (0.6, 2)):
-        node(ax, (1.4, y), f"f(θ{k})"); node(ax, (2.8, y), f"P{k}")
-        fwd(ax, (0.3, 1.5), (1.4, y)); fwd(ax, (1.4, y), (2.8, y))
-    sup(ax, (2.8, 2.4), (2.8, 0.6), rad=-0.5, color="#6a3d9a"); sup(ax, (2.8, 0.6), (2.8, 2.4), rad=-0.5, color="#6a3d9a")
-    ax.text(1.75, 1.5, "‖P1 − sg P2‖²\n+ ‖P2 − sg P1‖²", ha="center", va="center", fontsize=8.5, color="#6a3d9a")
-    ax = axes[2]; ax.set_title("(c) SPS: single-network pseudo supervision", fontsize=11)
-    node(ax, (0.3, 1.5), "X"); node(ax, (1.3, 1.5), "f(θ)"); node(ax, (2.4, 1.5), "P"); node(ax, (3.6, 1.5), "Y", lbox)
-    fwd(ax, (0.3, 1.5), (1.3, 1.5)); fwd(ax, (1.3, 1.5), (2.4, 1.5)); fwd(ax, (2.4, 1.5), (3.6, 1.5), stop=True)
-    sup(ax, (3.6, 1.5), (2.4, 1.5), rad=0.8)
-    ax.text(2.1, 0.35, "with CutMix: Y from the two source images,\nP on the mixed image", ha="center", fontsize=8.5, color="#555")
-    fig.text(0.5, 0.01, "solid → : forward     dashed - - > : loss supervision (target → supervised prediction)     // : stop-gradient", ha="center", fontsize=9.5)
-    fig.tight_layout(rect=(0, 0.05, 1, 1))
-    return fig
-
-# %% ../../nbs/21_cps.ipynb #7fb988d3
-def forward_parts(net: nn.Module, *xs: torch.Tensor, joint: bool = True) -> list[torch.Tensor]:
-    "Logits of `net` on each batch of `xs`: one call on their concatenation (`joint`) or one call per batch."
-    if joint and len(xs) > 1: return list(net(torch.cat(xs)).split([len(x) for x in xs]))
-    return [net(x) for x in xs]
-
-@contextmanager
-def eval_mode(net: nn.Module, enabled: bool = True):
-    "Within the block, `net` is in eval mode (BatchNorm uses running statistics) if `enabled`; restored after."
-    was = net.training
-    if enabled: net.eval()
-    try: yield net
-    finally: net.train(was)
-
-# %% ../../nbs/21_cps.ipynb #34c84f29
-@torch.no_grad()
-def pseudo_labels(net: nn.Module, *xs: torch.Tensor,
-                  joint: bool = True,          # one forward call on the concatenated batches
-                  bn_eval: bool = False        # BatchNorm in eval mode for this pass (official code: train mode)
-                 ) -> list[torch.Tensor]:
-    "Arg-max label maps (B,H,W) of `net` on each batch of `xs`, without gradient."
-    with eval_mode(net, bn_eval):
-        return [l.max(1).indices for l in forward_parts(net, *xs, joint=joint)]
-
-def mixed_pseudo_labels(net: nn.Module, u0: torch.Tensor, u1: torch.Tensor, mask: torch.Tensor,
-                        joint: bool = True, bn_eval: bool = False) -> torch.Tensor:
-    "Pseudo labels (B,H,W) of `mix(u0, u1, mask)`: arg-max of `net` on each source image, mixed with the same mask."
-    return mix(*pseudo_labels(net, u0, u1, joint=joint, bn_eval=bn_eval), mask)
-
-def agreement(y1: torch.Tensor, y2: torch.Tensor) -> torch.Tensor:
-    "Fraction of pixels where two label maps agree: the CPS paper's 'overlap ratio' (its Fig. 7)."
-    return (y1 == y2).float().mean()
-
-def pseudo_label_accuracy(pseudo: torch.Tensor | None, hidden_gt: torch.Tensor | None, ignore_index: int = 255) -> dict:
-    "`{'pl_acc': pixel accuracy}` of pseudo labels against the unlabeled images' hidden ground truth ({} if unknown)."
-    if pseudo is None or hidden_gt is None: return {}
-    valid = hidden_gt != ignore_index
-    if not valid.any(): return {}
-    return {"pl_acc": (pseudo[valid] == hidden_gt[valid]).float().mean()}
+__all__ = ['CoTraining', 'CPS', 'CPSCutMix', 'SPS', 'SPSCutMix', 'CPC']
 
 # %% ../../nbs/21_cps.ipynb #afe84472
-def hard_labels(logits: list) -> list:
-    "Arg-max label maps (no gradient) of a list of logits; None stays None."
-    return [None if p is None else p.detach().max(1).indices for p in logits]   # = argmax(1), faster on CPU
-
 class CoTraining(Method):
     "Shared body of CPS, CPC and SPS: `n_nets` networks, network 1 evaluated, weighted consistency, agreement logs."
     n_nets = 2
 
-    def __init__(self, cfg, opts, num_classes, weight: float, on_labeled: bool, on_unlabeled: bool, cutmix: bool = False):
+    def __init__(self, cfg, opts, num_classes, weight: float, on_labeled: bool, on_unlabeled: bool,
+                 cutmix: bool = False):
         super().__init__(cfg, opts, num_classes)
         self.nets = nn.ModuleList([self.make_net() for _ in range(self.n_nets)])
         self.weight, self.on_labeled, self.on_unlabeled, self.cutmix = weight, on_labeled, on_unlabeled, cutmix
         self.needs_unlabeled = (2 if cutmix else 1) if on_unlabeled else 0
 
-    def eval_model(self) -> nn.Module: return self.nets[0]
-    def lam(self, it: int) -> float: return self.weight * sigmoid_rampup(it, self.opts.rampup)
+    def eval_model(self) -> nn.Module:
+        return self.nets[0]
+
+    def lam(self, it: int) -> float:
+        "λ at iteration `it`, after the optional sigmoid ramp-up."
+        return self.weight * sigmoid_rampup(it, self.opts.rampup)
 
     def predict(self, x: torch.Tensor, xu: torch.Tensor | list | None = None):
         "Logits of every network on the labeled and the unlabeled batch (or one per network): ([P_k^l], [P_k^u])."
         xus = xu if isinstance(xu, list) else [xu] * self.n_nets
-        out = [forward_parts(net, *([x] if u is None else [x, u]), joint=self.opts.joint_forward) for net, u in zip(self.nets, xus)]
+        out = [forward_parts(net, *([x] if u is None else [x, u]), joint=self.opts.joint_forward)
+               for net, u in zip(self.nets, xus)]
         return [o[0] for o in out], [o[1] if u is not None else None for o, u in zip(out, xus)]
 
+    @staticmethod
+    def labels_of(preds: list) -> list:
+        "Hard labels (no gradient) of each network's logits; None stays None."
+        return [None if p is None else hard_labels(p) for p in preds]
+
     def consistency_inputs(self, ls: list, us: list) -> list:
-        "Per network, the part of its outputs (or labels) the consistency covers: labeled ⊕ unlabeled, one of them, or none."
-        pick = lambda l, u: [t for t, on in ((l, self.on_labeled), (u, self.on_unlabeled)) if on and t is not None]
-        return [torch.cat(pick(l, u)) for l, u in zip(ls, us) if pick(l, u)]
+        "Per network, what the consistency covers of its outputs (or labels): labeled ⊕ unlabeled, one of them, none."
+        def pick(lo, u):
+            return [t for t, on in ((lo, self.on_labeled), (u, self.on_unlabeled)) if on and t is not None]
+        return [torch.cat(pick(lo, u)) for lo, u in zip(ls, us) if pick(lo, u)]
 
     def agreement_logs(self, y_l: list, y_u: list) -> dict:
         "Overlap ratio of the two networks' label maps on labeled, unlabeled and all pixels."
-        if self.n_nets != 2: return {}
+        if self.n_nets != 2:
+            return {}
         logs = dict(agree_l=agreement(*y_l))
         if y_u[0] is not None:
             logs["agree_u"] = agreement(*y_u)
@@ -139,58 +70,72 @@ class CoTraining(Method):
 # %% ../../nbs/21_cps.ipynb #b95eb806
 @register_method("cps")
 class CPS(CoTraining):
-    "Cross pseudo supervision: two networks, each supervised by the other's hard pseudo labels (± CutMix, ± UCC's ingredients)."
+    "Cross pseudo supervision: two networks, each supervised by the other's hard pseudo labels (± CutMix, ± UCC's)."
     term = "cps"                     # the logged loss is loss_cps
 
     @dataclass
     class Options(StrongPasteOptions):
-        cps_weight: float = 1.5      # λ: 1.5 VOC, 6 Cityscapes in the paper; the official CutMix configs use 1 (VOC), 5 (City)
-        cps_labeled: bool | None = None  # L^l_cps: pseudo supervision on the labeled batch too (None: yes without CutMix or weak→strong, no with them)
+        cps_weight: float = 1.5      # λ: 1.5 VOC, 6 Cityscapes in the paper; official CutMix configs: 1 (VOC), 5 (City)
+        cps_labeled: bool | None = None  # L^l_cps on the labeled batch too (None: yes unless CutMix or weak→strong)
         cps_unlabeled: bool = True   # L^u_cps: pseudo supervision on the unlabeled batch
         cutmix: bool = False         # CPS + CutMix: pseudo labels of a CutMixed pair of unlabeled batches
-        ws: bool = True              # weak→strong: pseudo labels from the weak view supervise the other network's strong view (UCC's)
-        copy_paste: str = "dcscp"    # labeled objects pasted into the images (UCC's DCSCP, modes as UCC's); none: the paper's CPS
-        bn_eval: bool = False        # pseudo-label pass (CutMix, weak→strong) with BatchNorm in eval mode (official: train mode)
-        joint_forward: bool = True   # one forward per network on labeled ⊕ unlabeled (false: one per batch, as the official code)
+        ws: bool = True              # weak→strong: weak-view pseudo labels teach the other network's strong view
+        copy_paste: str = "dcscp"    # labeled objects pasted into the images (UCC's DCSCP modes); none: the paper
+        bn_eval: bool = False        # pseudo-label pass (CutMix, weak→strong) with BatchNorm in eval mode (code: train)
+        joint_forward: bool = True   # one forward per network on labeled + unlabeled (false: one per batch, official)
         rampup: int = 0              # sigmoid ramp-up of λ over this many iterations (0: constant, as paper and code)
+
+        def __post_init__(self):
+            super().__post_init__()
+            for name, value in (("cps_weight", self.cps_weight), ("rampup", self.rampup)):
+                if value < 0:
+                    raise ValueError(f"{name} must be >= 0, got {value!r}")
 
     def __init__(self, cfg, opts, num_classes):
         on_l = not (opts.cutmix or opts.ws) if opts.cps_labeled is None else opts.cps_labeled
         super().__init__(cfg, opts, num_classes, opts.cps_weight, on_l, opts.cps_unlabeled, opts.cutmix)
         self.aug = StrongAndPaste(opts, num_classes)
 
-    def unlabeled_input(self, unlabeled):
-        "(X_u, [Y_k] when the pseudo labels come from a separate pass (CutMix, weak→strong) else None, hidden ground truth of X_u or None)."
-        if not self.on_unlabeled: return None, None, None
-        o = self.opts
-        if not self.cutmix:
-            xu = unlabeled[0]["image"]
-            y_u = [pseudo_labels(f, xu, bn_eval=o.bn_eval)[0] for f in self.nets] if o.ws else None
-            return xu, y_u, unlabeled[0].get("mask")
-        u0, u1 = unlabeled[0]["image"], unlabeled[1]["image"]
-        M = box_mask(len(u0), *u0.shape[-2:]).to(u0.device)                        # CutMix boxes, 1 = take U1
-        y_m = [mixed_pseudo_labels(f, u0, u1, M, o.joint_forward, o.bn_eval) for f in self.nets]
-        g0, g1 = unlabeled[0].get("mask"), unlabeled[1].get("mask")
-        return mix(u0, u1, M), y_m, (mix(g0, g1, M) if g0 is not None and g1 is not None else None)  # X_m = U0 (1-M) + U1 M
+# %% ../../nbs/21_cps.ipynb #6d83b4a7
+@patch
+def unlabeled_input(self: CPS, unlabeled):
+    "(X_u, [Y_k] from a separate pass (CutMix, weak→strong) or None, hidden ground truth of X_u or None)."
+    if not self.on_unlabeled:
+        return None, None, None
+    o = self.opts
+    if not self.cutmix:
+        img_u = unlabeled[0]["image"]
+        pseudo_u = [net_labels(f, img_u, bn_eval=o.bn_eval)[0] for f in self.nets] if o.ws else None
+        return img_u, pseudo_u, unlabeled[0].get("mask")
+    img_u0, img_u1 = unlabeled[0]["image"], unlabeled[1]["image"]
+    box_u = box_mask(len(img_u0), *img_u0.shape[-2:]).to(img_u0.device)       # CutMix boxes, 1 = take U1
+    pseudo_mix = [mixed_net_labels(f, img_u0, img_u1, box_u, o.joint_forward, o.bn_eval) for f in self.nets]
+    gt_u0, gt_u1 = unlabeled[0].get("mask"), unlabeled[1].get("mask")
+    gt_mix = mix(gt_u0, gt_u1, box_u) if gt_u0 is not None and gt_u1 is not None else None
+    return mix(img_u0, img_u1, box_u), pseudo_mix, gt_mix                        # X_m = U0 (1-M) + U1 M
 
-    def forward(self, labeled, unlabeled, it):
-        x, y = labeled["image"], labeled["mask"]
-        xu, y_u, gt_u = self.unlabeled_input(unlabeled)
-        x, y, xu, mu, lu = self.aug.paste(x, y, xu)                     # labeled objects into X and X_u (copy_paste)
-        if self.opts.ws and xu is not None:                             # a strong view per network
-            xu = list(self.aug.strong(xu.repeat(self.n_nets, 1, 1, 1)).chunk(self.n_nets))
-        p_l, p_u = self.predict(x, xu)                                  # P_k = f(X; θ_k) on labeled, unlabeled
-        y_l, y_u = hard_labels(p_l), y_u or hard_labels(p_u)            # Y_k = argmax P_k, no gradient
-        if mu is not None:                                              # pasted pixels: the source's ground truth
-            y_u = [torch.where(mu, lu, t) for t in y_u]
-            gt_u = None if gt_u is None else torch.where(mu, IGNORE_INDEX, gt_u)   # pl_acc: the networks' own labels only
-        self.aug.observe(p_l, y)                                       # DCSCP's confidence bank (dynamic modes)
-        loss_s = sum(self.sup_loss(p, y) for p in p_l)                  # L_s = Σ_k CE(P_k^l, Y*)
-        p, q = self.consistency_inputs(p_l, p_u), self.consistency_inputs(y_l, y_u)
-        loss_c = sum((ce_loss(pk, qk) for pk, qk in zip(p, q[1:] + q[:1])), x.new_zeros(()))  # Σ_k CE(P_k, Y_{k+1 mod n})
-        return {"loss_sup": loss_s, f"loss_{self.term}": self.lam(it) * loss_c,
-                **self.agreement_logs(y_l, y_u), **pseudo_label_accuracy(y_u[0], gt_u)}
+# %% ../../nbs/21_cps.ipynb #e23e502f
+@patch
+def forward(self: CPS, labeled, unlabeled, it):
+    img_x, mask_x = labeled["image"], labeled["mask"]
+    img_u, pseudo_u, gt_u = self.unlabeled_input(unlabeled)
+    img_x, mask_x, img_u, paste_u, label_paste_u = self.aug.paste(img_x, mask_x, img_u)   # objects into X, X_u
+    if self.opts.ws and img_u is not None:                                              # a strong view per network
+        img_u = list(self.aug.strong(img_u.repeat(self.n_nets, 1, 1, 1)).chunk(self.n_nets))
+    pred_x, pred_u = self.predict(img_x, img_u)                 # P_k = f(X; θ_k) on labeled, unlabeled
+    pseudo_x, pseudo_u = self.labels_of(pred_x), pseudo_u or self.labels_of(pred_u)   # Y_k = argmax P_k, no gradient
+    if paste_u is not None:                                     # pasted pixels: the source's ground truth
+        pseudo_u = [torch.where(paste_u, label_paste_u, t) for t in pseudo_u]
+        gt_u = None if gt_u is None else torch.where(paste_u, IGNORE_INDEX, gt_u)   # pl_acc: the networks' labels
+    self.aug.observe(pred_x, mask_x)                            # DCSCP's confidence bank (dynamic modes)
+    loss_sup = sum(self.sup_loss(p, mask_x) for p in pred_x)    # L_s = Σ_k CE(P_k^l, Y*)
+    preds, targets = self.consistency_inputs(pred_x, pred_u), self.consistency_inputs(pseudo_x, pseudo_u)
+    loss_cons = sum((ce_loss(p, t) for p, t in zip(preds, targets[1:] + targets[:1])),   # Σ_k CE(P_k, Y_{k+1 mod n})
+                    img_x.new_zeros(()))
+    return {"loss_sup": loss_sup, f"loss_{self.term}": self.lam(it) * loss_cons,
+            **self.agreement_logs(pseudo_x, pseudo_u), **pseudo_label_accuracy(pseudo_u[0], gt_u)}
 
+# %% ../../nbs/21_cps.ipynb #98149ca1
 @register_method("cps_cutmix")
 class CPSCutMix(CPS):
     "The paper's CPS + CutMix: `cps` with `cutmix=true ws=false copy_paste=none` by default."
@@ -200,14 +145,16 @@ class CPSCutMix(CPS):
         ws: bool = False
         copy_paste: str = "none"
 
+# %% ../../nbs/21_cps.ipynb #8c33960c
 @register_method("sps")
 class SPS(CPS):
     "Single-network pseudo supervision (the paper's down-graded CPS): one network, supervised by its own pseudo labels."
     n_nets, term = 1, "sps"
 
+# %% ../../nbs/21_cps.ipynb #86521fec
 @register_method("sps_cutmix")
 class SPSCutMix(SPS):
-    "The paper's SPS + CutMix: `sps` with `cutmix=true ws=false copy_paste=none` by default (gradient only through the mixed image)."
+    "The paper's SPS + CutMix: `sps` with `cutmix=true ws=false copy_paste=none` (gradient only via the mixed image)."
     @dataclass
     class Options(SPS.Options):
         cutmix: bool = True
@@ -220,20 +167,26 @@ class CPC(CoTraining):
     "Cross probability consistency: two networks' probability maps pulled together (squared L2, targets detached)."
     @dataclass
     class Options:
-        cpc_weight: float = 5.0      # λ of L_cpc (the paper gives none: GCT's 100 on an element-mean MSE over 21 classes ≈ 5)
+        cpc_weight: float = 5.0      # λ of L_cpc (the paper gives none: GCT's 100 on a 21-class element-mean MSE ≈ 5)
         cpc_labeled: bool = True     # L^l_cpc on the labeled batch
         cpc_unlabeled: bool = True   # L^u_cpc on the unlabeled batch
         joint_forward: bool = True   # one forward per network on labeled ⊕ unlabeled
         rampup: int = 0              # sigmoid ramp-up of λ over this many iterations
 
+        def __post_init__(self):
+            for name, value in (("cpc_weight", self.cpc_weight), ("rampup", self.rampup)):
+                if value < 0:
+                    raise ValueError(f"{name} must be >= 0, got {value!r}")
+
     def __init__(self, cfg, opts, num_classes):
         super().__init__(cfg, opts, num_classes, opts.cpc_weight, opts.cpc_labeled, opts.cpc_unlabeled)
 
     def forward(self, labeled, unlabeled, it):
-        x, y = labeled["image"], labeled["mask"]
-        xu = unlabeled[0]["image"] if self.on_unlabeled else None
-        p_l, p_u = self.predict(x, xu)                                  # P_k = f(X; θ_k)
-        loss_s = sum(self.sup_loss(p, y) for p in p_l)                  # L_s
-        p = self.consistency_inputs(p_l, p_u)
-        loss_c = cpc_loss(*p) if p else x.new_zeros(())                 # ||p1 - sg p2||² + ||p2 - sg p1||²
-        return {"loss_sup": loss_s, "loss_cpc": self.lam(it) * loss_c, **self.agreement_logs(hard_labels(p_l), hard_labels(p_u))}
+        img_x, mask_x = labeled["image"], labeled["mask"]
+        img_u = unlabeled[0]["image"] if self.on_unlabeled else None
+        pred_x, pred_u = self.predict(img_x, img_u)                     # P_k = f(X; θ_k)
+        loss_sup = sum(self.sup_loss(p, mask_x) for p in pred_x)        # L_s
+        preds = self.consistency_inputs(pred_x, pred_u)
+        loss_cons = cpc_loss(*preds) if preds else img_x.new_zeros(())  # ||p1 - sg p2||² + ||p2 - sg p1||²
+        return {"loss_sup": loss_sup, "loss_cpc": self.lam(it) * loss_cons,
+                **self.agreement_logs(self.labels_of(pred_x), self.labels_of(pred_u))}

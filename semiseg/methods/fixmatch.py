@@ -8,25 +8,20 @@ Docs: https://semiseg.github.io/semiseg/fixmatch.html.md"""
 from __future__ import annotations
 from dataclasses import dataclass
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 from ..core import IGNORE_INDEX, register_method
 from ..train import Method
 from ..transforms import strong_photometric
+from ..pseudo import net_labels, pseudo_label_accuracy
 
 # %% auto #0
-__all__ = ['hard_pseudo_labels', 'pseudo_ce', 'FixMatch']
+__all__ = ['pseudo_ce', 'FixMatch']
 
 # %% ../../nbs/23_fixmatch.ipynb #480501a3
-def hard_pseudo_labels(logits: torch.Tensor, thresh: float = 0.0):
-    "(labels, confidence, keep) from logits (B,C,H,W): argmax class, its softmax probability, confidence ≥ `thresh`."
-    conf, labels = logits.detach().float().softmax(1).max(1)
-    return labels, conf, conf >= thresh
-
-def pseudo_ce(logits: torch.Tensor, labels: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    "Cross-entropy on the pixels where `keep`, summed and divided by the number of all pixels (UniMatch)."
-    ce = F.cross_entropy(logits, labels, reduction="none")
-    return (ce * keep).sum() / keep.numel()
+def pseudo_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    "Cross-entropy on the pixels with a label (not IGNORE_INDEX), summed and divided by the number of all pixels."
+    ce = F.cross_entropy(logits, labels, reduction="none", ignore_index=IGNORE_INDEX)
+    return ce.sum() / ce.numel()
 
 # %% ../../nbs/23_fixmatch.ipynb #cb2853d0
 @register_method("fixmatch")
@@ -39,21 +34,25 @@ class FixMatch(Method):
         conf_thresh: float = 0.95     # τ: pixels whose weak-view confidence is below it do not count
         unsup_weight: float = 1.0     # λ_u
 
+        def __post_init__(self):
+            if not 0 <= self.conf_thresh <= 1:
+                raise ValueError(f"conf_thresh must be in [0, 1] (a softmax confidence), got {self.conf_thresh!r}")
+            if self.unsup_weight < 0:
+                raise ValueError(f"unsup_weight must be >= 0, got {self.unsup_weight!r}")
+
     def __init__(self, cfg, opts, num_classes):
         super().__init__(cfg, opts, num_classes)
         self.net = self.make_net()
 
     def forward(self, labeled, unlabeled, it):
-        n, u = len(labeled["image"]), unlabeled[0]
-        with torch.no_grad(): labels, conf, keep = hard_pseudo_labels(self.net(u["image"]), self.opts.conf_thresh)
-        logits = self.net(torch.cat([labeled["image"], strong_photometric(u["image"])]))
-        out = {"loss_sup": self.sup_loss(logits[:n], labeled["mask"]),
-               "loss_unsup": self.opts.unsup_weight * pseudo_ce(logits[n:], labels, keep),
-               "mask_ratio": keep.float().mean()}
-        gt = u.get("mask")
-        if gt is not None:  # diagnostic only: accuracy of the kept pseudo labels on the hidden ground truth
-            seen = keep & (gt != IGNORE_INDEX)
-            out["pl_acc"] = ((labels == gt) & seen).sum() / seen.sum().clamp(min=1)
-        return out
+        img_x, mask_x, img_u_w = labeled["image"], labeled["mask"], unlabeled[0]["image"]
+        mask_u_w, = net_labels(self.net, img_u_w, thresh=self.opts.conf_thresh)   # no gradient; 255 if unsure
+        pred = self.net(torch.cat([img_x, strong_photometric(img_u_w)]))
+        pred_x, pred_u_s = pred[:len(img_x)], pred[len(img_x):]
+        return {"loss_sup": self.sup_loss(pred_x, mask_x),
+                "loss_unsup": self.opts.unsup_weight * pseudo_ce(pred_u_s, mask_u_w),
+                "mask_ratio": (mask_u_w != IGNORE_INDEX).float().mean(),
+                **pseudo_label_accuracy(mask_u_w, unlabeled[0].get("mask"))}   # diagnostic: the kept labels
 
-    def eval_model(self): return self.net
+    def eval_model(self):
+        return self.net

@@ -23,14 +23,18 @@ def make_teacher(student: nn.Module) -> nn.Module:
     "A copy of `student` whose parameters take no gradient: the EMA teacher at step 0."
     return copy.deepcopy(student).requires_grad_(False)
 
+# %% ../../nbs/22_mean_teacher.ipynb #e541bbfd
 @torch.no_grad()
 def ema_update(teacher: nn.Module, student: nn.Module, decay: float = 0.99, buffers: bool = False):
     "In place: θ̄ ← decay·θ̄ + (1 − decay)·θ for every parameter (and floating-point buffer if `buffers`)."
     pairs = zip(teacher.named_parameters(), student.named_parameters(), strict=True)
-    if buffers: pairs = [*pairs, *zip(teacher.named_buffers(), student.named_buffers(), strict=True)]
+    if buffers:
+        pairs = [*pairs, *zip(teacher.named_buffers(), student.named_buffers(), strict=True)]
     for (nt, t), (ns, s) in pairs:
-        if nt != ns: raise ValueError(f"teacher and student differ: {nt} vs {ns}")
-        if t.dtype.is_floating_point: t.mul_(decay).add_(s, alpha=1 - decay)
+        if nt != ns:
+            raise ValueError(f"teacher and student differ: {nt} vs {ns}")
+        if t.dtype.is_floating_point:
+            t.mul_(decay).add_(s, alpha=1 - decay)
 
 # %% ../../nbs/22_mean_teacher.ipynb #6b85864a
 @register_method("mt")
@@ -45,9 +49,18 @@ class MeanTeacher(Method):
         rampup: float = 0.1           # sigmoid ramp-up of λ over this fraction of the iterations (0: none)
         eval_net: str = "teacher"     # network evaluated and used for inference: teacher | student
 
+        def __post_init__(self):
+            if self.eval_net not in ("teacher", "student"):
+                raise ValueError(f"eval_net must be teacher or student, got {self.eval_net!r}")
+            for name, value, ok, need in (("ema_decay", self.ema_decay, 0 <= self.ema_decay <= 1, "in [0, 1]"),
+                                          ("cons_weight", self.cons_weight, self.cons_weight >= 0, ">= 0"),
+                                          ("rampup", self.rampup, 0 <= self.rampup <= 1,
+                                           "in [0, 1] (a fraction of iters)")):
+                if not ok:
+                    raise ValueError(f"{name} must be {need}, got {value!r}")
+
     def __init__(self, cfg, opts, num_classes):
         super().__init__(cfg, opts, num_classes)
-        if opts.eval_net not in ("teacher", "student"): raise ValueError(f"eval_net must be teacher or student, got {opts.eval_net!r}")
         self.net = self.make_net()
         self.teacher = make_teacher(self.net)
 
@@ -56,16 +69,20 @@ class MeanTeacher(Method):
         return self.opts.cons_weight * sigmoid_rampup(it, round(self.opts.rampup * self.cfg.iters))
 
     def forward(self, labeled, unlabeled, it):
-        n = len(labeled["image"])
-        x = torch.cat([labeled["image"], unlabeled[0]["image"]])
-        logits = self.net(x)
-        with torch.no_grad(): target = self.teacher(x)  # training mode: batch statistics, as TorchSemiSeg
+        bx = len(labeled["image"])
+        img = torch.cat([labeled["image"], unlabeled[0]["image"]])
+        pred = self.net(img)
+        with torch.no_grad():
+            pred_t = self.teacher(img)  # training mode: batch statistics, as TorchSemiSeg
         w = self.cons_weight(it)
-        return {"loss_sup": self.sup_loss(logits[:n], labeled["mask"]),
-                "loss_cons": w * softmax_mse(logits, target), "cons_weight": torch.tensor(w)}
+        return {"loss_sup": self.sup_loss(pred[:bx], labeled["mask"]),
+                "loss_cons": w * softmax_mse(pred, pred_t), "cons_weight": torch.tensor(w)}
 
-    def after_step(self, it): ema_update(self.teacher, self.net, self.opts.ema_decay)
-    def eval_model(self): return self.teacher if self.opts.eval_net == "teacher" else self.net
+    def after_step(self, it):
+        ema_update(self.teacher, self.net, self.opts.ema_decay)
+
+    def eval_model(self):
+        return self.teacher if self.opts.eval_net == "teacher" else self.net
 
 # %% ../../nbs/22_mean_teacher.ipynb #a5fd7bb5
 @torch.no_grad()
@@ -77,7 +94,7 @@ def mixed_targets(net: nn.Module, u0: torch.Tensor, u1: torch.Tensor, mask: torc
 # %% ../../nbs/22_mean_teacher.ipynb #b37109bd
 @register_method("cutmix_seg")
 class CutMixSeg(MeanTeacher):
-    "CutMix-Seg: mean teacher whose student predicts on CutMix-mixed unlabeled pairs, the target mixed from the teacher's."
+    "CutMix-Seg: mean teacher whose student predicts on CutMix-mixed unlabeled pairs, the targets mixed likewise."
     needs_unlabeled = 2
 
     @dataclass
@@ -85,12 +102,21 @@ class CutMixSeg(MeanTeacher):
         n_boxes: int = 3                  # CutMix boxes per image
         prop_range: tuple = (0.25, 0.5)   # range of each box's area share (before the 1/n_boxes scaling)
 
+        def __post_init__(self):
+            super().__post_init__()
+            if self.n_boxes < 1:
+                raise ValueError(f"n_boxes must be at least 1, got {self.n_boxes!r}")
+            lo, hi = self.prop_range
+            if not 0 < lo <= hi <= 1:
+                raise ValueError(f"prop_range must be (lo, hi) with 0 < lo <= hi <= 1, got {self.prop_range!r}")
+
     def forward(self, labeled, unlabeled, it):
-        n, u0, u1 = len(labeled["image"]), unlabeled[0]["image"], unlabeled[1]["image"]
-        M = box_mask(len(u0), *u0.shape[-2:], self.opts.n_boxes, tuple(self.opts.prop_range)).to(u0.device)
-        target = mixed_targets(self.teacher, u0, u1, M)
-        logits = self.net(torch.cat([labeled["image"], mix(u0, u1, M)]))
+        bx, img_u0, img_u1 = len(labeled["image"]), unlabeled[0]["image"], unlabeled[1]["image"]
+        box_u = box_mask(len(img_u0), *img_u0.shape[-2:], self.opts.n_boxes, tuple(self.opts.prop_range))
+        box_u = box_u.to(img_u0.device)
+        pred_t_mix = mixed_targets(self.teacher, img_u0, img_u1, box_u)
+        pred = self.net(torch.cat([labeled["image"], mix(img_u0, img_u1, box_u)]))
         w = self.cons_weight(it)
-        return {"loss_sup": self.sup_loss(logits[:n], labeled["mask"]),
-                "loss_cons": w * softmax_mse(logits[n:], target), "cons_weight": torch.tensor(w),
-                "mix_share": M.mean()}
+        return {"loss_sup": self.sup_loss(pred[:bx], labeled["mask"]),
+                "loss_cons": w * softmax_mse(pred[bx:], pred_t_mix), "cons_weight": torch.tensor(w),
+                "mix_share": box_u.mean()}

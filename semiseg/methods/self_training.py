@@ -6,86 +6,28 @@ Docs: https://semiseg.github.io/semiseg/self_training.html.md"""
 
 # %% ../../nbs/24_self_training.ipynb #86fa4d32
 from __future__ import annotations
-import json, math, os, statistics, sys, time
+import json, statistics, sys, time
 from pathlib import Path
-import numpy as np
-import torch
-import torch.nn as nn
-from PIL import Image
-from torch.utils.data import DataLoader, Subset
-from ..core import IGNORE_INDEX, get_device, get_method, load_checkpoint
+from torch.utils.data import DataLoader
+from ..core import get_device, get_method, load_checkpoint
 from .. import data as D
 from ..transforms import eval_transform
-from ..metrics import ConfusionMatrix, predict, evaluate
+from ..metrics import evaluate
 from ..train import (TrainConfig, Method, make_config, config_dict, parse_args, dataset_items, split_ids, build_data,
                            collate, train, write_json)
-from .fixmatch import hard_pseudo_labels
+from ..pseudo import pseudo_label_miou, write_pseudo_labels
 
 # %% auto #0
-__all__ = ['RUNTIME_KEYS', 'BASELINE_RECIPE', 'unlabeled_dataset', 'save_label_png', 'write_pseudo_labels', 'pseudo_label_miou',
-           'run_stage', 'load_run', 'evaluate_run', 'self_training', 'main', 'run_baselines']
+__all__ = ['RUNTIME_KEYS', 'BASELINE_RECIPE', 'unlabeled_dataset', 'run_stage', 'load_run', 'evaluate_run', 'self_training',
+           'main', 'run_baselines']
 
 # %% ../../nbs/24_self_training.ipynb #af4a76f5
-_PALETTE = D.voc_palette().ravel().tolist()
-
 def unlabeled_dataset(cfg: TrainConfig) -> D.SegDataset:
     "The unlabeled images of `cfg`'s partition at full size (eval transform), with their hidden ground truth."
     items, nc, names, lmap, fixed, root = dataset_items(cfg, cfg.train_split)
     by_id = {it[0]: it for it in items}
     unl = split_ids(cfg, list(by_id))[1]
     return D.SegDataset([by_id[i] for i in unl], transform=eval_transform(), label_map=lmap, class_names=names)
-
-def save_label_png(path, labels: np.ndarray):
-    "Write an (H, W) class-index map as a palette PNG, atomically (temp file + rename)."
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    im = Image.fromarray(np.asarray(labels, dtype=np.uint8), mode="P"); im.putpalette(_PALETTE)
-    im.save(tmp, format="PNG"); os.replace(tmp, path)
-
-@torch.no_grad()
-def write_pseudo_labels(model: nn.Module, dataset: D.SegDataset, out_dir,
-                        protocol: str = "whole",  # whole | slide | msf (multi-scale + flip, as CISC-R labels)
-                        thresh: float = 0.0,      # pixels with confidence below it are stored as 255 (ignored)
-                        batch_size: int = 16,     # images of equal size predicted together
-                        device=None, workers: int = 0,
-                        resume: bool = True,      # skip images whose <id>.png exists
-                        **predict_kw) -> dict:    # crop, scales, flip, ... for `semiseg.metrics.predict`
-    "Label every image of `dataset` with `model` as `<out_dir>/<id>.png`; returns counts written and skipped."
-    out = Path(out_dir); out.mkdir(parents=True, exist_ok=True)
-    todo = [i for i, id_ in enumerate(dataset.ids) if not (resume and (out / f"{id_}.png").is_file())]
-    device = torch.device(device) if device is not None else next(model.parameters()).device
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
-    def flush(batch):
-        if not batch: return
-        probs = predict(model, torch.cat([b["image"] for b in batch]).to(device), protocol=protocol, **predict_kw)
-        labels, _, keep = hard_pseudo_labels(probs.clamp_min(1e-12).log(), thresh)
-        labels = torch.where(keep, labels, IGNORE_INDEX).cpu().numpy()
-        for b, lab in zip(batch, labels): save_label_png(out / f"{b['id'][0]}.png", lab)
-    try:
-        batch = []
-        for s in DataLoader(Subset(dataset, todo), batch_size=1, num_workers=workers, collate_fn=collate):
-            if batch and (len(batch) == batch_size or s["image"].shape != batch[0]["image"].shape): flush(batch); batch = []
-            batch.append(s)
-        flush(batch)
-    finally:
-        for m, mode in modes.items(): m.training = mode
-    return dict(written=len(todo), skipped=len(dataset) - len(todo))
-
-# %% ../../nbs/24_self_training.ipynb #fa2650ca
-def pseudo_label_miou(dataset: D.SegDataset, pl_dir, num_classes: int) -> dict:
-    "mIoU (%), per-class IoU and pixel accuracy of the pseudo labels in `pl_dir` against `dataset`'s masks; coverage."
-    cm, labelled, total = ConfusionMatrix(num_classes), 0, 0
-    for id_, _, mask_path in dataset.items:
-        pl = torch.from_numpy(np.array(Image.open(Path(pl_dir) / f"{id_}.png")).astype(np.int64))
-        gt = torch.from_numpy(dataset.read_mask(mask_path, pl.shape[::-1]).astype(np.int64))
-        valid = gt != IGNORE_INDEX
-        keep = valid & (pl != IGNORE_INDEX)
-        labelled += int(keep.sum()); total += int(valid.sum())
-        cm.update(torch.where(keep, pl, 0), torch.where(keep, gt, IGNORE_INDEX))
-    none = lambda v: None if math.isnan(v) else v
-    return dict(miou=none(cm.miou()), per_class_iou=[none(float(v) * 100) for v in cm.iou()],
-                pixel_acc=none(cm.pixel_acc()), coverage=labelled / max(total, 1) * 100, n_images=len(dataset))
 
 # %% ../../nbs/24_self_training.ipynb #97ad5a2a
 RUNTIME_KEYS = {"workers", "device", "log_every", "ckpt_every", "eval_batch_size", "resume", "out_dir", "amp", "check_data"}  # don't change results

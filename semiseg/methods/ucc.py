@@ -6,280 +6,61 @@ Docs: https://semiseg.github.io/semiseg/ucc.html.md"""
 
 # %% ../../nbs/26_ucc.ipynb #5fde3ae0
 from __future__ import annotations
-import math
 from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torchvision.io import encode_jpeg, decode_jpeg
-from torchvision.transforms.v2 import functional as TF
-from ..core import IGNORE_INDEX, register_method, all_reduce_sum
-from ..transforms import normalize, denormalize
+from fastcore.basics import patch
+from ..core import IGNORE_INDEX, register_method
 from ..train import Method
+from ..augment import StrongPasteOptions, StrongAndPaste
+from ..pseudo import confident_labels
 
 # %% auto #0
-__all__ = ['STRONG_RANGES', 'STRONG_OPS', 'PASTE_MODES', 'channel_shuffle', 'color_jitter', 'invert_channel', 'coarse_dropout',
-           'jpeg_compression', 'solarize', 'salt_pepper', 'noise_gau', 'equalize', 'strong_augment', 'ClassConfidence',
-           'paste_probs', 'sample_paste_classes', 'copy_paste', 'StrongPasteOptions', 'StrongAndPaste', 'ugrm_weights',
-           'weighted_ce', 'CrossHeadNet', 'HeadView', 'UCC']
-
-# %% ../../nbs/26_ucc.ipynb #10d40c99
-STRONG_RANGES = dict(
-    color_jitter=dict(brightness=0.5, contrast=0.5, saturation=0.5, hue=0.25),  # factors 1±b, 1±c, 1±s; hue shift ±h turns
-    coarse_dropout=dict(max_holes=8, size=(1/32, 1/8)),   # 1..max_holes black boxes, sides a fraction of the image side
-    jpeg_compression=dict(quality=(10, 50)),              # JPEG quality
-    solarize=dict(threshold=(0.4, 0.9)),                  # invert pixels above the threshold
-    salt_pepper=dict(amount=(0.01, 0.1)),                 # fraction of pixels set to 0 or 1
-    noise_gau=dict(sigma=(0.02, 0.1)),                    # std of additive Gaussian noise
-)
-
-def _uniform(n, lo, hi, g, like):
-    "n per-sample magnitudes uniform in [lo, hi), drawn with generator g (CPU), on like's device/dtype."
-    return (torch.rand(n, generator=g) * (hi - lo) + lo).to(like.device, like.dtype)
-
-def _to_uint8(x): return (x * 255).round().clamp(0, 255).to(torch.uint8)
-def _gray(x): return (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
-
-# %% ../../nbs/26_ucc.ipynb #9b456c6f
-_PERMS = torch.tensor([[0, 2, 1], [1, 0, 2], [1, 2, 0], [2, 0, 1], [2, 1, 0]])  # the five non-identity channel orders
-_SUBSETS = torch.tensor([[1, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 0], [1, 0, 1], [0, 1, 1], [1, 1, 1]], dtype=torch.bool)
-_RGB2YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
-_YIQ2RGB = torch.linalg.inv(_RGB2YIQ)
-
-def channel_shuffle(x, g=None):
-    "Reorder the RGB channels of each image by one of the five non-identity permutations."
-    idx = _PERMS[torch.randint(len(_PERMS), (len(x),), generator=g)].to(x.device)
-    return x.gather(1, idx[:, :, None, None].expand_as(x))
-
-def _hue_rotate(x, turns):
-    "Rotate the hue of each image by `turns` (fraction of a full turn) in YIQ space: one 3×3 matrix per image."
-    th = 2 * math.pi * turns
-    c, s = th.cos(), th.sin()
-    rot = torch.zeros(len(x), 3, 3, device=x.device, dtype=x.dtype)
-    rot[:, 0, 0] = 1; rot[:, 1, 1] = c; rot[:, 1, 2] = -s; rot[:, 2, 1] = s; rot[:, 2, 2] = c
-    m = _YIQ2RGB.to(x) @ rot @ _RGB2YIQ.to(x)
-    return torch.einsum("bij,bjhw->bihw", m, x)
-
-def color_jitter(x, g=None, brightness=0.5, contrast=0.5, saturation=0.5, hue=0.25):
-    "Brightness, contrast, saturation and hue, each with its own random factor per image (torchvision's definitions)."
-    b = len(x)
-    f = lambda m: _uniform(b, 1 - m, 1 + m, g, x).view(b, 1, 1, 1)
-    x = (x * f(brightness)).clamp(0, 1)
-    mean = _gray(x).mean((1, 2, 3), keepdim=True)
-    x = (mean + (x - mean) * f(contrast)).clamp(0, 1)
-    gray = _gray(x)
-    x = (gray + (x - gray) * f(saturation)).clamp(0, 1)
-    return _hue_rotate(x, _uniform(b, -hue, hue, g, x)).clamp(0, 1)
-
-def invert_channel(x, g=None):
-    "Invert (1 - x) a random non-empty subset of the channels of each image (all three: Albumentations' InvertImg)."
-    m = _SUBSETS[torch.randint(len(_SUBSETS), (len(x),), generator=g)].to(x.device)[:, :, None, None]
-    return torch.where(m, 1 - x, x)
-
-def coarse_dropout(x, g=None, max_holes=8, size=(1/32, 1/8)):
-    "Black out 1..`max_holes` random boxes per image, each side a random fraction `size` of the image side."
-    b, _, h, w = x.shape
-    n = torch.randint(1, max_holes + 1, (b,), generator=g)
-    bh = (torch.rand(b, max_holes, generator=g) * (size[1] - size[0]) + size[0]).mul(h).round().clamp(min=1).long()
-    bw = (torch.rand(b, max_holes, generator=g) * (size[1] - size[0]) + size[0]).mul(w).round().clamp(min=1).long()
-    y0 = (torch.rand(b, max_holes, generator=g) * (h - bh + 1)).floor().long()
-    x0 = (torch.rand(b, max_holes, generator=g) * (w - bw + 1)).floor().long()
-    ys, xs = torch.arange(h).view(1, 1, h, 1), torch.arange(w).view(1, 1, 1, w)
-    inside = ((ys >= y0[..., None, None]) & (ys < (y0 + bh)[..., None, None]) &
-              (xs >= x0[..., None, None]) & (xs < (x0 + bw)[..., None, None]))
-    hole = (inside & (torch.arange(max_holes) < n[:, None])[..., None, None]).any(1, keepdim=True)
-    return x.masked_fill(hole.to(x.device), 0.0)
-
-def jpeg_compression(x, g=None, quality=(10, 50)):
-    "Encode and decode each image as JPEG at a random quality (torchvision.io, on the CPU)."
-    q = torch.randint(quality[0], quality[1] + 1, (len(x),), generator=g).tolist()
-    u8 = _to_uint8(x).cpu()
-    out = torch.stack([decode_jpeg(encode_jpeg(im, quality=qi)) for im, qi in zip(u8, q)])
-    return out.to(x.device, x.dtype) / 255
-
-def solarize(x, g=None, threshold=(0.4, 0.9)):
-    "Invert the pixels above a random threshold."
-    t = _uniform(len(x), *threshold, g, x).view(-1, 1, 1, 1)
-    return torch.where(x >= t, 1 - x, x)
-
-def salt_pepper(x, g=None, amount=(0.01, 0.1)):
-    "Set a random fraction of the pixels (all channels) to white (salt) or black (pepper), half each."
-    b, _, h, w = x.shape
-    a = _uniform(b, *amount, g, x).view(b, 1, 1, 1)
-    r = torch.rand(b, 1, h, w, generator=g).to(x)
-    return torch.where(r < a / 2, torch.ones_like(x), torch.where(r < a, torch.zeros_like(x), x))
-
-def noise_gau(x, g=None, sigma=(0.02, 0.1)):
-    "Add Gaussian noise of a random standard deviation, clipped to [0, 1]."
-    s = _uniform(len(x), *sigma, g, x).view(-1, 1, 1, 1)
-    return (x + s * torch.randn(x.shape, generator=g).to(x)).clamp(0, 1)
-
-def equalize(x, g=None):
-    "Histogram equalisation of each channel (torchvision, on the image quantised to uint8)."
-    return TF.equalize(_to_uint8(x)).to(x.dtype) / 255
-
-STRONG_OPS = dict(channel_shuffle=channel_shuffle, color_jitter=color_jitter, invert_channel=invert_channel,
-                  coarse_dropout=coarse_dropout, jpeg_compression=jpeg_compression, solarize=solarize,
-                  salt_pepper=salt_pepper, noise_gau=noise_gau, equalize=equalize)
-
-# %% ../../nbs/26_ucc.ipynb #fd31a4d6
-def strong_augment(images: torch.Tensor, # normalised float batch (B, 3, H, W): the weak views
-                   n: int = 3,           # ops per sample, drawn with replacement from `ops`
-                   ops: list | None = None, # names from `STRONG_OPS` (default: all nine)
-                   generator: torch.Generator | None = None) -> torch.Tensor:
-    "UCC's strong view of a normalised batch: `n` random photometric ops per sample, random magnitudes, same geometry."
-    names = list(ops or STRONG_OPS)
-    x = denormalize(images.float()).clamp(0, 1)
-    choice = torch.randint(len(names), (len(x), n), generator=generator)
-    for k in range(n):
-        for i, name in enumerate(names):
-            rows = (choice[:, k] == i).nonzero().flatten().to(x.device)
-            if len(rows): x[rows] = STRONG_OPS[name](x[rows], generator, **STRONG_RANGES.get(name, {}))
-    return normalize(x).to(images.dtype)
-
-# %% ../../nbs/26_ucc.ipynb #fd33732e
-class ClassConfidence(nn.Module):
-    "EMA of each class's mean predicted probability on its labeled pixels (DCSCP, eq. 4)."
-    def __init__(self, num_classes: int, momentum: float = 0.999, # α
-                 absent: str = "skip"):  # classes absent from a batch: skip (unchanged) | zero (AEL: σ = 0)
-        super().__init__()
-        if absent not in ("skip", "zero"): raise ValueError(f"conf_absent must be skip or zero, got {absent!r}")
-        self.momentum, self.absent = momentum, absent
-        self.register_buffer("value", torch.zeros(num_classes))
-
-    @torch.no_grad()
-    def batch_confidence(self, probs, target):
-        "σ_c of one batch (nan for absent classes): mean prob of class c over the pixels labeled c."
-        c = self.value.numel()
-        valid = target != IGNORE_INDEX
-        t = target[valid]
-        p = probs.float().permute(0, 2, 3, 1)[valid].gather(1, t[:, None]).squeeze(1)
-        s = torch.zeros(c, device=probs.device).index_add_(0, t, p)
-        n = torch.bincount(t, minlength=c).float()
-        all_reduce_sum(s); all_reduce_sum(n)
-        return torch.where(n > 0, s / n.clamp(min=1), torch.full_like(s, float("nan")))
-
-    @torch.no_grad()
-    def update(self, probs, target):
-        "Fold a batch's σ into σ̂ (probs (B,C,H,W) softmax, target (B,H,W) with 255 = ignore); returns σ̂."
-        sig = self.batch_confidence(probs, target).to(self.value)
-        present = ~sig.isnan()
-        new = self.momentum * self.value + (1 - self.momentum) * sig.nan_to_num(0.0)
-        self.value.copy_(torch.where(present | (self.absent == "zero"), new, self.value))
-        return self.value
-
-# %% ../../nbs/26_ucc.ipynb #cd617966
-def paste_probs(conf: torch.Tensor,     # σ̂ (C,)
-                allowed: torch.Tensor,  # (..., C) bool: classes that may be drawn
-                mapping: str = "ael") -> torch.Tensor:
-    "Sampling probabilities over the allowed classes: ael ∝ exp(sqrt(1-σ̂)), linear ∝ 1-σ̂, uniform; rows with none allowed are 0."
-    if mapping == "ael": w = (1 - conf).clamp(min=0).sqrt().exp()
-    elif mapping == "linear": w = (1 - conf).clamp(min=1e-6)
-    elif mapping == "uniform": w = torch.ones_like(conf)
-    else: raise ValueError(f"paste_mapping must be ael, linear or uniform, got {mapping!r}")
-    w = w * allowed
-    return w / w.sum(-1, keepdim=True).clamp(min=1e-12)
-
-def sample_paste_classes(conf: torch.Tensor,   # σ̂ (C,)
-                         src_labels: torch.Tensor, # (B, H, W) labels of the source images
-                         draws: int = 3,       # draws with replacement per image; duplicates merge
-                         mapping: str = "ael", # see `paste_probs`; 'uniform' = random classes
-                         exclude=(),           # class ids never drawn
-                         generator: torch.Generator | None = None) -> torch.Tensor:
-    "(B, C) bool: the classes to paste from each source image, drawn from the classes it contains."
-    c = conf.numel()
-    present = torch.zeros(len(src_labels), c + 1, dtype=torch.bool, device=src_labels.device)
-    present.scatter_(1, src_labels.flatten(1).clamp(max=c), True)  # 255 (ignore) lands in the extra column
-    allowed = present[:, :c].clone()
-    if len(exclude): allowed[:, list(exclude)] = False
-    p = paste_probs(conf.to(allowed.device), allowed, mapping)
-    some = allowed.any(1)
-    p = torch.where(some[:, None], p, torch.ones_like(p))  # rows with nothing to paste: draw anything, drop below
-    idx = torch.multinomial(p.cpu(), draws, replacement=True, generator=generator).to(allowed.device)
-    sel = torch.zeros_like(allowed).scatter_(1, idx, True)
-    return sel & some[:, None]
-
-# %% ../../nbs/26_ucc.ipynb #3c9b4309
-def copy_paste(src_img, src_lbl,   # source images (B,3,H,W) and their labels (B,H,W)
-               tgt_img, tgt_lbl,   # targets; tgt_lbl all IGNORE_INDEX for unlabeled targets
-               classes: torch.Tensor): # (B, C) bool from `sample_paste_classes`
-    "Eq. (3): x = M⊙x_a + (1-M)⊙x_b with M the pixels of the selected classes of the source; returns (img, lbl, M)."
-    c = classes.shape[1]
-    sel = torch.cat([classes, classes.new_zeros(len(classes), 1)], 1)  # ignore pixels are never pasted
-    m = sel.gather(1, src_lbl.flatten(1).clamp(max=c)).view_as(src_lbl)
-    return torch.where(m[:, None], src_img, tgt_img), torch.where(m, src_lbl, tgt_lbl), m
-
-# %% ../../nbs/26_ucc.ipynb #89fd3301
-PASTE_MODES = ("none", "cp", "dcp", "cscp", "dcscp")  # Table 5: D = dynamic class sampling, CS = cross-set targets
-
-@dataclass
-class StrongPasteOptions:
-    "Options of UCC's strong view and copy-paste, shared by the methods that use them."
-    strong_n: int = 3             # strong ops per sample, drawn with replacement
-    strong_ops: str = "all"       # 'all' or a comma-separated subset of STRONG_OPS
-    copy_paste: str = "dcscp"     # none | cp | dcp | cscp | dcscp (Table 5)
-    paste_draws: int = 3          # classes drawn per paste, with replacement (AEL: 3)
-    paste_p: float = 1.0          # probability that a target image receives a paste
-    paste_exclude: str = "0"      # class ids never pasted, comma-separated (AEL Cityscapes: 0,1,2,8,10)
-    paste_mapping: str = "ael"    # ael: ∝ exp(sqrt(1-σ̂)) | linear: ∝ 1-σ̂ (dynamic modes)
-    conf_momentum: float = 0.999  # α of eq. (4)
-    conf_absent: str = "skip"     # classes absent from a labeled batch: skip | zero (AEL's code)
-
-class StrongAndPaste(nn.Module):
-    "UCC's strong view and (D)(CS)CP copy-paste for a method's batches, configured by `StrongPasteOptions`."
-    def __init__(self, opts: StrongPasteOptions, num_classes: int):
-        super().__init__()
-        if opts.copy_paste not in PASTE_MODES:
-            raise ValueError(f"copy_paste must be one of {', '.join(PASTE_MODES)}, got {opts.copy_paste!r}")
-        self.ops = list(STRONG_OPS) if opts.strong_ops == "all" else [s.strip() for s in opts.strong_ops.split(",") if s.strip()]
-        bad = [s for s in self.ops if s not in STRONG_OPS]
-        if bad or not self.ops: raise ValueError(f"strong_ops: unknown {bad} (known: {', '.join(STRONG_OPS)})")
-        paste_probs(torch.zeros(1), torch.ones(1, dtype=torch.bool), opts.paste_mapping)   # raises on an unknown mapping
-        self.opts, self.dynamic = opts, opts.copy_paste in ("dcp", "dcscp")
-        self.conf = ClassConfidence(num_classes, opts.conf_momentum, opts.conf_absent)
-        self.exclude = tuple(int(t) for t in str(opts.paste_exclude).replace(" ", "").split(",") if t != "")
-
-    def strong(self, xu: torch.Tensor) -> torch.Tensor:
-        "A strong view of a normalised batch (`strong_augment` with the configured ops)."
-        return strong_augment(xu, self.opts.strong_n, self.ops)
-
-    def classes(self, src_y: torch.Tensor) -> torch.Tensor:
-        "(B, C) bool: the classes each source image gives, by the mode's sampling; none with probability 1 - paste_p."
-        o = self.opts
-        sel = sample_paste_classes(self.conf.value, src_y, o.paste_draws, o.paste_mapping if self.dynamic else "uniform", self.exclude)
-        return sel & (torch.rand(len(src_y)) < o.paste_p).to(sel.device)[:, None]
-
-    def paste(self, x, y, xu):
-        "Pasted labeled (x, y), unlabeled xu (may be None), and the unlabeled paste mask and labels (None without cross-set paste)."
-        mode = self.opts.copy_paste
-        if mode == "none": return x, y, xu, None, None
-        src = torch.roll(torch.arange(len(x), device=x.device), -1)        # labeled target i <- labeled source i+1
-        xl, yl, _ = copy_paste(x[src], y[src], x, y, self.classes(y[src]))
-        if mode not in ("cscp", "dcscp") or xu is None: return xl, yl, xu, None, None
-        src_u = torch.randint(len(x), (len(xu),)).to(x.device)             # unlabeled target <- random labeled source
-        empty = torch.full(xu.shape[:1] + xu.shape[2:], IGNORE_INDEX, dtype=y.dtype, device=y.device)
-        xu, lu, mu = copy_paste(x[src_u], y[src_u], xu, empty, self.classes(y[src_u]))
-        return xl, yl, xu, mu, lu
-
-    def observe(self, logits: list, y: torch.Tensor):
-        "Fold the mean softmax of a labeled batch's logits (one per head or network) into the bank (dynamic modes, training only)."
-        if self.training and self.dynamic: self.conf.update(sum(l.detach().float().softmax(1) for l in logits) / len(logits), y)
+__all__ = ['UGRM_RULES', 'PASTE_TARGETS', 'EVAL_HEADS', 'ugrm_weights', 'weighted_ce', 'source_targets', 'predicted_targets',
+           'CrossHeadNet', 'HeadView', 'strong_views', 'shared_strong_views', 'weak_views', 'weak_teacher', 'ucc_views',
+           'UCC']
 
 # %% ../../nbs/26_ucc.ipynb #8c9c89ae
+UGRM_RULES = ("teacher", "literal", "confidence")   # ugrm_rule; "off" (ugrm=false) gives u ≡ 1
+
+# %% ../../nbs/26_ucc.ipynb #cc941bf5
 def ugrm_weights(w1: torch.Tensor, w2: torch.Tensor, # max probabilities of heads 1 and 2 on the weak view (B,H,W)
                  rule: str = "teacher"):
     "(u1, u2): u1 weights q1 → head 2, u2 weights q2 → head 1 (eq. 6–9); no gradient."
     w1, w2 = w1.detach(), w2.detach()
-    if rule == "teacher": return w1 * (w1 > w2), w2 * (w2 > w1)       # the pseudo-label source is the more confident head
-    if rule == "literal": return w1 * (w2 > w1), w2 * (w1 > w2)       # eq. (7)/(8) as printed
-    if rule == "confidence": return w1, w2                            # u¹ only (eq. 6), no indicator
-    raise ValueError(f"ugrm_rule must be teacher, literal or confidence, got {rule!r}")
+    if rule == "teacher":      # the pseudo-label source is the more confident head
+        return w1 * (w1 > w2), w2 * (w2 > w1)
+    if rule == "literal":      # eq. (7)/(8) as printed
+        return w1 * (w2 > w1), w2 * (w1 > w2)
+    if rule == "confidence":   # u¹ only (eq. 6), no indicator
+        return w1, w2
+    if rule == "off":          # no UGRM: every pixel counts once
+        return torch.ones_like(w1), torch.ones_like(w2)
+    raise ValueError(f"ugrm_rule must be teacher, literal or confidence (or ugrm=false), got {rule!r}")
 
+# %% ../../nbs/26_ucc.ipynb #eeeda218
 def weighted_ce(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None, eps: float = 1e-8):
     "Per-image Σ u·CE / Σ u, averaged over images (0 for an all-zero image); weight None = plain mean CE."
     ce = F.cross_entropy(logits, target, reduction="none", ignore_index=IGNORE_INDEX)
     u = (target != IGNORE_INDEX).to(ce) if weight is None else weight.detach().to(ce) * (target != IGNORE_INDEX)
     return ((u * ce).flatten(1).sum(1) / u.flatten(1).sum(1).clamp(min=eps)).mean()
+
+# %% ../../nbs/26_ucc.ipynb #68022bc6
+def source_targets(mask_u_w: torch.Tensor, weight_u: torch.Tensor,
+                   paste_u: torch.Tensor | None, label_paste_u: torch.Tensor | None):
+    "A head's (pseudo labels, weights) with the pasted pixels taking the source's ground truth at weight 1."
+    if paste_u is None:   # no cross-set paste in this step
+        return mask_u_w, weight_u
+    return torch.where(paste_u, label_paste_u, mask_u_w), torch.where(paste_u, torch.ones_like(weight_u), weight_u)
+
+# %% ../../nbs/26_ucc.ipynb #491c6678
+def predicted_targets(mask_u_w, weight_u, paste_u, label_paste_u):
+    "A head's (pseudo labels, weights) unchanged: pasted pixels are pseudo-labelled like the others."
+    return mask_u_w, weight_u
+
+# %% ../../nbs/26_ucc.ipynb #d527ffa8
+PASTE_TARGETS = dict(source=source_targets, pred=predicted_targets)   # the paste_label option
 
 # %% ../../nbs/26_ucc.ipynb #3b87343f
 class CrossHeadNet(nn.Module):
@@ -288,8 +69,10 @@ class CrossHeadNet(nn.Module):
                  cross: str = "head", # head | model
                  shared_aspp: bool = False): # heads share the ASPP too (head = decoder + classifier)
         super().__init__()
-        if cross not in ("head", "model"): raise ValueError(f"cross must be head or model, got {cross!r}")
-        if shared_aspp and cross == "model": raise ValueError("shared_aspp needs cross=head")
+        if cross not in ("head", "model"):
+            raise ValueError(f"cross must be head or model, got {cross!r}")
+        if shared_aspp and cross == "model":
+            raise ValueError("shared_aspp needs cross=head")
         a, b = nets
         self.cross = cross
         self.backbones = nn.ModuleList([a.backbone] + ([b.backbone] if cross == "model" else []))
@@ -303,33 +86,84 @@ class CrossHeadNet(nn.Module):
         return F.interpolate(self.classifiers[m](feats), size=tuple(size), mode="bilinear", align_corners=True)
 
     def forward(self, x, rows=None, heads=(0, 1)) -> list:
-        "Logits of each head in `heads` on x[rows[k]] (index tensors or slices; all of x when None); a shared backbone runs once."
+        "Logits of each head in `heads` on x[rows[k]] (index tensors or slices; all of x when None)."
         rows = rows if rows is not None else [None] * len(heads)
-        if len(self.backbones) == 1:
+        if len(self.backbones) == 1:   # the shared backbone runs once
             f = self.backbones[0](x)
             feats = [(f["low"], f["high"]) if r is None else (f["low"][r], f["high"][r]) for r in rows]
         else:
             feats = [tuple(self.backbones[m](x if r is None else x[r]).values()) for m, r in zip(heads, rows)]
         return [self.head(m, lo, hi, x.shape[-2:]) for m, (lo, hi) in zip(heads, feats)]
 
-    def backbone_parameters(self): return list(self.backbones.parameters())
+    def backbone_parameters(self):
+        "The parameters of the backbone(s)."
+        return list(self.backbones.parameters())
 
+# %% ../../nbs/26_ucc.ipynb #fe485df2
+EVAL_HEADS = ("1", "2", "mean")   # the eval_head option
+
+# %% ../../nbs/26_ucc.ipynb #44710a72
 class HeadView(nn.Module):
     "The test-time network: one head's logits, or the log of the two heads' mean softmax (`head='mean'`)."
     def __init__(self, net: CrossHeadNet, head: str = "1"):
         super().__init__()
-        if head not in ("1", "2", "mean"): raise ValueError(f"eval_head must be 1, 2 or mean, got {head!r}")
+        if head not in EVAL_HEADS:
+            raise ValueError(f"eval_head must be 1, 2 or mean, got {head!r}")
         self.net, self.which = net, head
+
     def forward(self, x):
         if self.which == "mean":
             a, b = self.net(x)
             return ((a.softmax(1) + b.softmax(1)) / 2).clamp(min=1e-12).log()
         return self.net(x, heads=(int(self.which) - 1,))[0]
 
+# %% ../../nbs/26_ucc.ipynb #aa81391b
+def strong_views(net: CrossHeadNet, strong, img_x: torch.Tensor, img_u: torch.Tensor):
+    "(pred_x, pred_u_s, pred_u_s detached): both heads on the labeled batch, each head on its own strong view."
+    bx, bu = len(img_x), len(img_u)
+    img_u_s1, img_u_s2 = strong(img_u.repeat(2, 1, 1, 1)).chunk(2)
+    pred_1, pred_2 = net(torch.cat([img_u_s1, img_x, img_u_s2]), [slice(0, bu + bx), slice(bu, 2 * bu + bx)])
+    pred_u_s = [pred_1[:bu], pred_2[bx:]]
+    return [pred_1[bu:], pred_2[:bx]], pred_u_s, [p.detach() for p in pred_u_s]
+
+# %% ../../nbs/26_ucc.ipynb #1cd7a240
+def shared_strong_views(net: CrossHeadNet, strong, img_x: torch.Tensor, img_u: torch.Tensor):
+    "(pred_x, pred_u_s, pred_u_s detached): both heads on the labeled batch and on one strong view."
+    bx = len(img_x)
+    preds = net(torch.cat([img_x, strong(img_u)]))
+    pred_u_s = [p[bx:] for p in preds]
+    return [p[:bx] for p in preds], pred_u_s, [p.detach() for p in pred_u_s]
+
+# %% ../../nbs/26_ucc.ipynb #804c3b6f
+def weak_views(net: CrossHeadNet, strong, img_x: torch.Tensor, img_u: torch.Tensor):
+    "(pred_x, pred_u_w, pred_u_w detached): both heads on the labeled and the weak unlabeled batch, one pass."
+    bx = len(img_x)
+    preds = net(torch.cat([img_x, img_u]))
+    pred_u_w = [p[bx:] for p in preds]
+    return [p[:bx] for p in preds], pred_u_w, [p.detach() for p in pred_u_w]
+
+# %% ../../nbs/26_ucc.ipynb #a3e55da5
+def weak_teacher(views):
+    "`views` with the teacher logits from a no-gradient pass of both heads on the weak view, run before them."
+    def with_weak_teacher(net: CrossHeadNet, strong, img_x: torch.Tensor, img_u: torch.Tensor):
+        with torch.no_grad():
+            pred_u_w = net(img_u)
+        pred_x, pred_u_s, _ = views(net, strong, img_x, img_u)
+        return pred_x, pred_u_s, pred_u_w
+    return with_weak_teacher
+
+# %% ../../nbs/26_ucc.ipynb #21900439
+def ucc_views(ws: bool = True, strong_shared: bool = False, pseudo_view: str = "weak"):
+    "The passes the view options select: UCC's weak → own strong views, one shared strong view, or the ablations."
+    if not ws:
+        return weak_views
+    views = shared_strong_views if strong_shared else strong_views
+    return weak_teacher(views) if pseudo_view == "weak" else views
+
 # %% ../../nbs/26_ucc.ipynb #67d00d3f
 @register_method("ucc")
 class UCC(Method):
-    "Uncertainty guided Cross-head Co-training: shared backbone, two heads, weak→strong cross pseudo labels, DCSCP, UGRM."
+    "Uncertainty guided Cross-head Co-training: one backbone, two heads, weak→strong cross pseudo labels, DCSCP, UGRM."
     needs_unlabeled = 1
 
     @dataclass
@@ -337,69 +171,77 @@ class UCC(Method):
         ucc_weight: float = 2.0       # λ: weight of L_u (Table 6: 2 is best)
         cross: str = "head"           # head: shared backbone, two heads (UCC) | model: two full networks (Table 7 'CM')
         shared_aspp: bool = False     # the heads share the ASPP as well (default: backbone only)
-        ws: bool = True               # weak→strong (Table 3 'WS'); false: weak pseudo labels supervise the other head's weak view
+        ws: bool = True               # weak→strong (Table 3 'WS'); false: weak labels teach the other head's weak view
         pseudo_view: str = "weak"     # weak | strong: the view pseudo labels come from (strong: Table 4 'S')
         strong_shared: bool = False   # one strong view for both heads (default: each head its own)
         ugrm: bool = True             # uncertainty guided re-weighting of L_u (Table 3 'UGRM')
-        ugrm_rule: str = "teacher"    # teacher: keep where the pseudo-label head is more confident | literal: eq. (7)/(8) | confidence: u = w
-        paste_label: str = "source"   # unlabeled targets' pasted pixels: source ground truth | pred: the weak pseudo label
+        ugrm_rule: str = "teacher"    # teacher: the labelling head is surer | literal: eq. (7)/(8) | confidence
+        paste_label: str = "source"   # pasted pixels of unlabeled images: source ground truth | pred: weak pseudo label
         eval_head: str = "1"          # 1 | 2 | mean: the network evaluated
-        burn_in: int = 0              # first iterations with L_s only (a reading of "initialized with the supervised data")
+        burn_in: int = 0              # first iterations with L_s only ("initialized with the supervised data")
+
+        def __post_init__(self):
+            super().__post_init__()
+            for name, value, choices in (("cross", self.cross, ("head", "model")),
+                                         ("pseudo_view", self.pseudo_view, ("weak", "strong")),
+                                         ("ugrm_rule", self.ugrm_rule, UGRM_RULES),
+                                         ("paste_label", self.paste_label, tuple(PASTE_TARGETS)),
+                                         ("eval_head", self.eval_head, EVAL_HEADS)):
+                if value not in choices:
+                    raise ValueError(f"{name} must be {', '.join(choices[:-1])} or {choices[-1]}, got {value!r}")
+            if self.shared_aspp and self.cross == "model":
+                raise ValueError("shared_aspp=true needs cross=head (two full networks share nothing)")
+            for name, value in (("ucc_weight", self.ucc_weight), ("burn_in", self.burn_in)):
+                if value < 0:
+                    raise ValueError(f"{name} must be >= 0, got {value!r}")
 
     def __init__(self, cfg, opts, num_classes):
         super().__init__(cfg, opts, num_classes)
-        o = opts
-        for k, v, ok in (("pseudo_view", o.pseudo_view, ("weak", "strong")), ("paste_label", o.paste_label, ("source", "pred"))):
-            if v not in ok: raise ValueError(f"{k} must be one of {', '.join(ok)}, got {v!r}")
-        ugrm_weights(torch.zeros(1), torch.zeros(1), o.ugrm_rule)
-        self.aug = StrongAndPaste(o, num_classes)
-        self.net = CrossHeadNet([self.make_net(), self.make_net()], o.cross, o.shared_aspp)
-        HeadView(self.net, o.eval_head)
+        self.aug = StrongAndPaste(opts, num_classes)
+        self.net = CrossHeadNet([self.make_net(), self.make_net()], opts.cross, opts.shared_aspp)
+        self.views = ucc_views(opts.ws, opts.strong_shared, opts.pseudo_view)
+        self.ugrm_rule = opts.ugrm_rule if opts.ugrm else "off"
+        self.paste_targets = PASTE_TARGETS[opts.paste_label]
 
-    def eval_model(self): return HeadView(self.net, self.opts.eval_head)
+    def eval_model(self):
+        return HeadView(self.net, self.opts.eval_head)
 
     def param_groups(self, lr, head_lr_mult):
         "Backbone(s) at `lr`, heads at `lr * head_lr_mult`."
-        bb = self.net.backbone_parameters(); ids = {id(p) for p in bb}
+        bb = self.net.backbone_parameters()
+        ids = {id(p) for p in bb}
         head = [p for p in self.parameters() if p.requires_grad and id(p) not in ids]
         return [dict(params=bb, lr=lr), dict(params=head, lr=lr * head_lr_mult)]
 
-    def supervised(self, sup, y):
+    def supervised(self, pred_x: list, mask_x: torch.Tensor):
         "L_s on both heads' labeled logits; feeds the confidence bank with their mean softmax."
-        self.aug.observe(sup, y)
-        return self.sup_loss(sup[0], y) + self.sup_loss(sup[1], y)
+        self.aug.observe(pred_x, mask_x)
+        return self.sup_loss(pred_x[0], mask_x) + self.sup_loss(pred_x[1], mask_x)
 
-    def forward(self, labeled, unlabeled, it):
-        o = self.opts
-        x, y, xu = labeled["image"], labeled["mask"], unlabeled[0]["image"]
-        x, y, xu, mu, lu = self.aug.paste(x, y, xu)
-        if it < o.burn_in:                                                # supervised warm-up: no unlabeled forward
-            loss_sup, z = self.supervised(self.net(x), y), x.new_zeros(())
-            return dict(loss_sup=loss_sup, loss_u_1to2=z, loss_u_2to1=z, agree=z, teach_1to2=z, pasted_u=z,
-                        conf_min=self.aug.conf.value.min())
-        b, bu = len(x), len(xu)
-        if o.ws:
-            if o.pseudo_view == "weak":
-                with torch.no_grad(): teacher = self.net(xu)
-            if o.strong_shared:                                               # one strong view S for both heads
-                out = self.net(torch.cat([x, self.aug.strong(xu)]))
-                sup, student = [lo[:b] for lo in out], [lo[b:] for lo in out]
-            else:                                                             # each head its own, drawn in one call
-                s1, s2 = self.aug.strong(xu.repeat(2, 1, 1, 1)).chunk(2)
-                # batch [S_1; x; S_2]: head 1 reads rows [S_1; x], head 2 rows [x; S_2], contiguous slices (no copies)
-                out = self.net(torch.cat([s1, x, s2]), [slice(0, bu + b), slice(bu, 2 * bu + b)])
-                sup, student = [out[0][bu:], out[1][:b]], [out[0][:bu], out[1][b:]]
-        else:
-            out = self.net(torch.cat([x, xu]))
-            sup, student = [lo[:b] for lo in out], [lo[b:] for lo in out]
-        if not o.ws or o.pseudo_view == "strong": teacher = [s.detach() for s in student]
-        prob = [t.float().softmax(1) for t in teacher]
-        w, q = zip(*[p.max(1) for p in prob])
-        if mu is not None and o.paste_label == "source": q = [torch.where(mu, lu, qm) for qm in q]
-        u = ugrm_weights(w[0], w[1], o.ugrm_rule) if o.ugrm else (torch.ones_like(w[0]), torch.ones_like(w[1]))
-        if mu is not None and o.paste_label == "source": u = [torch.where(mu, torch.ones_like(um), um) for um in u]
-        l12 = weighted_ce(student[1], q[0], u[0])   # head 1's pseudo labels teach head 2
-        l21 = weighted_ce(student[0], q[1], u[1])   # head 2's pseudo labels teach head 1
-        return dict(loss_sup=self.supervised(sup, y), loss_u_1to2=o.ucc_weight * l12, loss_u_2to1=o.ucc_weight * l21,
-                    agree=(q[0] == q[1]).float().mean(), teach_1to2=(u[0] > 0).float().mean(),
-                    pasted_u=mu.float().mean() if mu is not None else torch.zeros(()), conf_min=self.aug.conf.value.min())
+# %% ../../nbs/26_ucc.ipynb #67e886c1
+@patch
+def burn_in_step(self: UCC, img_x: torch.Tensor, mask_x: torch.Tensor) -> dict:
+    "A supervised-only step (the first `burn_in` iterations)."
+    loss_sup, zero = self.supervised(self.net(img_x), mask_x), img_x.new_zeros(())
+    return dict(loss_sup=loss_sup, loss_u_1to2=zero, loss_u_2to1=zero, agree=zero, teach_1to2=zero, pasted_u=zero,
+                conf_min=self.aug.conf.value.min())
+
+# %% ../../nbs/26_ucc.ipynb #7f61e05d
+@patch
+def forward(self: UCC, labeled, unlabeled, it):
+    img_x, mask_x, img_u = labeled["image"], labeled["mask"], unlabeled[0]["image"]
+    img_x, mask_x, img_u, paste_u, label_paste_u = self.aug.paste(img_x, mask_x, img_u)   # DCSCP
+    if it < self.opts.burn_in:
+        return self.burn_in_step(img_x, mask_x)
+    pred_x, pred_u_s, pred_u_t = self.views(self.net, self.aug.strong, img_x, img_u)
+    (mask_u_1, conf_u_1), (mask_u_2, conf_u_2) = [confident_labels(p) for p in pred_u_t]   # q_m, w_m
+    weight_u_1, weight_u_2 = ugrm_weights(conf_u_1, conf_u_2, self.ugrm_rule)               # u_m (UGRM)
+    mask_u_1, weight_u_1 = self.paste_targets(mask_u_1, weight_u_1, paste_u, label_paste_u)
+    mask_u_2, weight_u_2 = self.paste_targets(mask_u_2, weight_u_2, paste_u, label_paste_u)
+    loss_u_1to2 = weighted_ce(pred_u_s[1], mask_u_1, weight_u_1)   # head 1's pseudo labels teach head 2
+    loss_u_2to1 = weighted_ce(pred_u_s[0], mask_u_2, weight_u_2)   # head 2's pseudo labels teach head 1
+    lam = self.opts.ucc_weight
+    return dict(loss_sup=self.supervised(pred_x, mask_x), loss_u_1to2=lam * loss_u_1to2, loss_u_2to1=lam * loss_u_2to1,
+                agree=(mask_u_1 == mask_u_2).float().mean(), teach_1to2=(weight_u_1 > 0).float().mean(),
+                pasted_u=paste_u.float().mean() if paste_u is not None else torch.zeros(()),
+                conf_min=self.aug.conf.value.min())
