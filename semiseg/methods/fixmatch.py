@@ -10,8 +10,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from ..core import IGNORE_INDEX, register_method
-from ..train import Method
+from ..core import IGNORE_INDEX
+from ..method import Method, register
 from ..transforms import strong_photometric
 
 # %% auto #0
@@ -29,7 +29,7 @@ def pseudo_ce(logits: torch.Tensor, labels: torch.Tensor, keep: torch.Tensor) ->
     return (ce * keep).sum() / keep.numel()
 
 # %% ../../nbs/23_fixmatch.ipynb #cb2853d0
-@register_method("fixmatch")
+@register("fixmatch", label="FixMatch", color="#8c564b", weight="unsup_weight", demo=True, order=7)
 class FixMatch(Method):
     "Weak-view hard pseudo labels (confidence ≥ τ) supervise the strong view of the same network."
     needs_unlabeled = 1

@@ -13,9 +13,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torchvision.io import encode_jpeg, decode_jpeg
 from torchvision.transforms.v2 import functional as TF
-from ..core import IGNORE_INDEX, register_method, all_reduce_sum
+from ..core import IGNORE_INDEX, all_reduce_sum
 from ..transforms import normalize, denormalize
-from ..train import Method
+from ..method import Method, register
 
 # %% auto #0
 __all__ = ['STRONG_RANGES', 'STRONG_OPS', 'PASTE_MODES', 'channel_shuffle', 'color_jitter', 'invert_channel', 'coarse_dropout',
@@ -327,7 +327,7 @@ class HeadView(nn.Module):
         return self.net(x, heads=(int(self.which) - 1,))[0]
 
 # %% ../../nbs/26_ucc.ipynb #67d00d3f
-@register_method("ucc")
+@register("ucc", label="UCC", color="#9467bd", weight="ucc_weight", demo=True, order=9)
 class UCC(Method):
     "Uncertainty guided Cross-head Co-training: shared backbone, two heads, weak→strong cross pseudo labels, DCSCP, UGRM."
     needs_unlabeled = 1
