@@ -1,4 +1,4 @@
-"""The speed benchmark behind `make bench`: the cost of one training step of each method, the trainer's overhead over a bare forward/backward, and the data pipeline's throughput.
+"""The speed benchmark behind `make bench`: a training step of each method, the trainer's overhead, the data pipeline.
 
 Docs: https://semiseg.github.io/semiseg/bench.html.md"""
 

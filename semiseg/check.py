@@ -1,4 +1,4 @@
-"""Find what is wrong with a dataset before training starts: missing and undecodable files, size mismatches, mask values outside the classes, colour masks, Cityscapes trainIds saved as labelIds, duplicate and overlapping ids.
+"""Find what is wrong with a dataset before training: missing or broken files, wrong sizes and values, bad splits.
 
 Docs: https://semiseg.github.io/semiseg/check.html.md"""
 
@@ -38,7 +38,8 @@ def _open(path, what):
     "(mode, fully decoded array) of an image file, or a Problem."
     try:
         if os.path.getsize(path) == 0:
-            return Problem("undecodable", str(path), f"the {what} file is empty (0 bytes): re-extract or re-download it")
+            return Problem("undecodable", str(path),
+                           f"the {what} file is empty (0 bytes): re-extract or re-download it")
         with Image.open(path) as im:
             im.load()
             return im.mode, np.asarray(im)
@@ -75,9 +76,9 @@ def check_item(item, num_classes: int, label_map=None, ignore_index: int = IGNOR
         mask, lost = _decode_colours(mask, palette, mp, ignore_index)
         probs += lost
     if mask.ndim == 3:
-        return probs + [Problem("colour mask", str(mp), f"a {mode} mask of shape {mask.shape}: masks must be palette "
-                                "('P') or grayscale ('L') PNGs whose pixel values are class indices; convert the colours "
-                                "to indices (or give the palette in classes.yaml for a folder dataset)")]
+        return probs + [Problem("colour mask", str(mp), f"a {mode} mask of shape {mask.shape}: masks must be "
+                                "palette ('P') or grayscale ('L') PNGs whose pixel values are class indices; convert "
+                                "the colours to indices (or give the palette in classes.yaml for a folder dataset)")]
     if not isinstance(img, Problem) and img[1].shape[:2] != mask.shape:
         probs.append(Problem("size mismatch", str(mp), f"mask is {mask.shape[1]}x{mask.shape[0]} but its image {ip} is "
                              f"{img[1].shape[1]}x{img[1].shape[0]}: masks must match their images pixel for pixel"))
@@ -90,8 +91,8 @@ def check_item(item, num_classes: int, label_map=None, ignore_index: int = IGNOR
     bad = [int(v) for v in mapped if v >= num_classes and v != ignore_index]
     if bad:
         probs.append(Problem("mask values", str(mp), f"values {bad} are outside the {num_classes} classes "
-                             f"0..{num_classes - 1} and the ignore value {ignore_index}: fix the mask, or set the right "
-                             "number of classes"))
+                             f"0..{num_classes - 1} and the ignore value {ignore_index}: fix the mask, or set the "
+                             "right number of classes"))
     return probs
 
 # %% ../nbs/11_check.ipynb #1eab4679

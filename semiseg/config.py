@@ -1,4 +1,4 @@
-"""The options of a training run: the generic ones, each method's and each pipeline's own, their validation, config files and the command line's help.
+"""The options of a training run (generic, each method's, each pipeline's), config files and the command line's help.
 
 Docs: https://semiseg.github.io/semiseg/config.html.md"""
 
@@ -22,16 +22,16 @@ class TrainConfig:
     "Generic training options (each method adds its own `Options`)."
     method: str = "supervised"        # a registered method or pipeline (semiseg-train --help lists them)
     dataset: str = "synthetic"        # synthetic | voc | cityscapes | folder
-    data_root: str | None = None      # dataset root; synthetic: a generated benchmark, or the cache dir to generate into
+    data_root: str | None = None      # dataset root; synthetic: a generated benchmark, or a cache dir to generate into
     train_split: str = "train"        # split name or split-file path of the training pool
     val_split: str = "val"            # split name or split-file path for evaluation
     labeled: str | float | int = "1/16"  # labeled share of the pool: fraction ('1/16', 0.125) or count (92)
     labeled_split: str | None = None  # a published split file of labeled ids (overrides `labeled`)
     unlabeled_split: str | None = None  # its unlabeled list (default: the rest of the pool)
     split_seed: int = 0               # seed of the labeled/unlabeled partition (fixed across training seeds)
-    pseudo_labels: str | None = None  # folder of <id>.png pseudo labels: the unlabeled images join the labeled set with them
+    pseudo_labels: str | None = None  # folder of <id>.png pseudo labels: the unlabeled images join the labeled set
     check_data: bool = True           # scan every image and mask for problems before training (semiseg-check-data)
-    skip_nonfinite: bool = False      # skip steps whose loss is nan/inf (counted as 'skipped' in the log) instead of stopping
+    skip_nonfinite: bool = False      # skip steps whose loss is nan/inf (counted as 'skipped') instead of stopping
     backbone: str = "tiny"            # tiny | resnet18 | resnet50 | resnet101
     output_stride: int = 8            # 8 or 16
     pretrained: str | None = None     # None | 'imagenet' | path to a backbone .pth
@@ -77,7 +77,7 @@ class TrainConfig:
 _NUMERIC = {"int": int, "float": float}
 
 def _coerce(name, value, tp):
-    "`value` checked against the annotation `tp` (a string: annotations are postponed), ints given for floats converted."
+    "`value` checked against the annotation `tp` (a string: annotations are postponed); ints for floats converted."
     if value is None or not isinstance(tp, str):
         return value
     base = tp.replace(" ", "").split("|")
@@ -143,7 +143,8 @@ def _stage_configs(info: MethodInfo, opts, train: dict, with_overrides: bool = T
     out = {}
     for stage, m in stages.items():
         try:
-            out[stage] = config_dict(*make_config({**train, **(so.get(stage, {}) if with_overrides else {}), "method": m}))
+            own_stage = so.get(stage, {}) if with_overrides else {}
+            out[stage] = config_dict(*make_config({**train, **own_stage, "method": m}))
         except ValueError as e:
             raise ValueError(f"{e} (method={info.name} passes its other options to every stage; its own are "
                              f"{', '.join(own)}; per stage: <stage>.<option>=<value>)") from None

@@ -1,4 +1,4 @@
-"""Seeding, devices, distributed helpers, files written atomically and safe checkpoints: the small things every other module leans on.
+"""Seeding, devices, distributed helpers, atomically written files and checkpoints: what every other module leans on.
 
 Docs: https://semiseg.github.io/semiseg/core.html.md"""
 
@@ -92,7 +92,7 @@ def nearest(name: str, choices) -> str:
 
 # %% ../nbs/00_core.ipynb #58024b8b
 def atomic_write(path, data: bytes | str | Callable) -> Path:
-    "Write `data` (bytes, text, or a function of the open binary file) to `path` atomically: temp file + fsync + rename."
+    "Write `data` (bytes, text, or a function of the open binary file) to `path`: temp file, fsync, rename."
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")

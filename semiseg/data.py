@@ -66,7 +66,8 @@ def label_lut(mapping:dict, # raw mask value -> class index
     return lut
 
 # %% ../nbs/02_data.ipynb #94a3e9e0
-_CITYSCAPES_TRAIN_IDS = (7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 31, 32, 33)  # labelId of train id i
+# the labelId of train id i
+_CITYSCAPES_TRAIN_IDS = (7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 31, 32, 33)
 CITYSCAPES_LABEL_TO_TRAIN = label_lut({lab: i for i, lab in enumerate(_CITYSCAPES_TRAIN_IDS)})
 
 # %% ../nbs/02_data.ipynb #2dfbcd71
@@ -281,7 +282,8 @@ def cityscapes_items(root, # folder holding leftImg8bit/ and gtFine/
     items = []
     for i in ids:
         if i not in found:
-            raise FileNotFoundError(f'image {i}_leftImg8bit.png not found under {root/"leftImg8bit"}; expected layout:\n{CITYSCAPES_LAYOUT}')
+            raise FileNotFoundError(f'image {i}_leftImg8bit.png not found under {root/"leftImg8bit"}; '
+                                    f'expected layout:\n{CITYSCAPES_LAYOUT}')
         s, f = found[i]
         m = root/'gtFine'/s/f.parent.name/f'{i}_gtFine_labelIds.png'
         items.append((i, f, _mask_or_fail(m, masks, CITYSCAPES_LAYOUT)))
@@ -552,7 +554,8 @@ def dataset_spec(dataset:str, # synthetic | voc | cityscapes | folder
         root = given if given and (given/'ImageSets').is_dir() else make_synthetic(given)
         return DatasetSpec(dataset, root, list(SYNTHETIC_CLASSES), None, None, voc_palette(), True)
     if dataset not in ('voc', 'cityscapes', 'folder'):
-        raise ValueError(f"unknown dataset '{dataset}': {nearest(dataset, ['synthetic', 'voc', 'cityscapes', 'folder'])}")
+        known = ['synthetic', 'voc', 'cityscapes', 'folder']
+        raise ValueError(f"unknown dataset '{dataset}': {nearest(dataset, known)}")
     if data_root is None:
         raise ValueError(f'dataset={dataset} needs data_root=<path to the dataset>')
     root = Path(data_root).expanduser()

@@ -1,4 +1,4 @@
-"""What a method is to the rest of semiseg: the `Method` interface the trainer drives, the `Pipeline` interface of multi-stage methods, and the one registry that knows them all.
+"""The `Method` and `Pipeline` interfaces the trainer drives, and the one registry of methods.
 
 Docs: https://semiseg.github.io/semiseg/method.html.md"""
 
@@ -36,7 +36,8 @@ class Method(nn.Module):
     def make_net(self) -> nn.Module:
         "A fresh segmentation network as the config describes it."
         c = self.cfg
-        return build_model(self.num_classes, backbone=c.backbone, output_stride=c.output_stride, pretrained=c.pretrained)
+        return build_model(self.num_classes, backbone=c.backbone, output_stride=c.output_stride,
+                           pretrained=c.pretrained)
 
     def sup_loss(self, logits, mask):
         "The supervised loss of labeled logits."

@@ -1,4 +1,4 @@
-"""Reading run directories back: metrics, configuration, the trained method, its predictions, and the results table of many runs.
+"""Reading run directories back: metrics, configuration, the trained method, predictions, and the results table.
 
 Docs: https://semiseg.github.io/semiseg/runs.html.md"""
 
@@ -32,10 +32,12 @@ __all__ = ['RUNTIME_KEYS', 'ID_KEYS', 'config_diff', 'read_metrics', 'run_config
 RUNTIME_KEYS = ("device", "workers", "eval_batch_size", "check_data", "log_every", "ckpt_every", "resume", "out_dir",
                 "data_root")
 
+# %% ../nbs/10_runs.ipynb #caadd1da
 def _norm(v) -> str:
     "A value as canonical JSON, for comparing (tuples as lists, paths as text)."
     return json.dumps(v, sort_keys=True, default=str)
 
+# %% ../nbs/10_runs.ipynb #8f969812
 def config_diff(old: dict, new: dict) -> dict:
     "{key: (old value, new value)} of the options in which two flat configurations differ (see `RUNTIME_KEYS`)."
     return {k: (old[k], v) for k, v in new.items() if k not in RUNTIME_KEYS and k in old and _norm(old[k]) != _norm(v)}

@@ -1,4 +1,4 @@
-"""The training loop every method shares: SGD with poly LR, AMP, DDP under torchrun, checkpoints that resume exactly, evaluation and the run directory; multi-stage pipelines stage by stage; `semiseg-train`.
+"""The loop every method trains with: AMP, DDP, exact resume, evaluation, run directories, pipelines, `semiseg-train`.
 
 Docs: https://semiseg.github.io/semiseg/train.html.md"""
 
@@ -321,7 +321,8 @@ class Meter:
     def record(self, it: int, lr: float) -> dict:
         "The log record of iteration `it`; starts the next window."
         n = max(self.n, 1)
-        rec = dict(it=it, lr=lr, s_per_it=(time.time() - self.t) / n, **{k: (v / n).item() for k, v in self.sums.items()},
+        means = {k: (v / n).item() for k, v in self.sums.items()}
+        rec = dict(it=it, lr=lr, s_per_it=(time.time() - self.t) / n, **means,
                    **({"skipped": self.skipped} if self.skipped else {}))
         self.reset()
         return rec
@@ -459,7 +460,8 @@ def _run_pipeline(options: dict) -> dict:
     out = Path(cfg.out_dir or Path("runs") / cfg.run_name())
     write_json(out / "config.json", {**full_config(options), "out_dir": str(out)})
     own = {f.name for f in dataclasses.fields(info.cls.Options)}
-    train_options = {k: v for k, v in options.items() if k not in own and "." not in k and k not in ("method", "out_dir")}
+    train_options = {k: v for k, v in options.items()
+                     if k not in own and "." not in k and k not in ("method", "out_dir")}
     summary = info.cls(opts).run(out, train_options, run_stage)
     stages = summary["stages"]
     results = {**stages[-1], "method": info.name, "iters": sum(s["iters"] for s in stages),
