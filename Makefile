@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # torch/torchvision pinned for reproducibility; on a GPU server, install the CUDA build you need first.
 TORCH := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install test test-slow demo bench lab export clean-nbs check-clean
+.PHONY: install test test-slow lint demo bench lab export clean-nbs check-clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,10 @@ check-clean: install
 test: export OMP_WAIT_POLICY := PASSIVE
 test: check-clean
 	$(BIN)/python -m pytest -q tests
+
+# style of the package (line length 120, pycodestyle errors and warnings, pyflakes): [tool.ruff] in pyproject.toml
+lint: install
+	$(BIN)/ruff check semiseg
 
 # the cells marked `#| slow` (longer training runs): run them all
 test-slow: install

@@ -1,4 +1,4 @@
-"""The speed benchmark behind `make bench`: the cost of one training step of each method, the trainer's overhead over a bare forward/backward, and the data pipeline's throughput.
+"""The speed benchmark behind `make bench`: a training step of each method, the trainer's overhead, the data pipeline.
 
 Docs: https://semiseg.github.io/semiseg/bench.html.md"""
 
@@ -6,56 +6,86 @@ Docs: https://semiseg.github.io/semiseg/bench.html.md"""
 
 # %% ../nbs/13_bench.ipynb #abb5197a
 from __future__ import annotations
-import argparse, json, resource, subprocess, sys, tempfile, time
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
 from pathlib import Path
 import torch
-from .core import get_device, load_methods, METHODS, seed_everything
+from .core import get_device, seed_everything, write_json
 from . import data as D
-from .train import make_config, make_optimizer, build_data, stream, train
+from .models import build_model
 from .losses import ce_loss
+from .method import get_method, registered
+from .config import make_config
+from .check import check_dataset
+from .train import make_optimizer, stream, train
 
 # %% auto #0
 __all__ = ['method_step_s', 'bare_step_s', 'trainer_step_s', 'loader_batches_per_s', 'run_benchmark', 'main']
 
 # %% ../nbs/13_bench.ipynb #445eabea
 def _batch(b, size, nc, device):
-    return dict(image=torch.randn(b, 3, size, size, device=device), mask=torch.randint(0, nc, (b, size, size), device=device))
+    "A random batch of `b` images of `size` px with masks of `nc` classes."
+    return dict(image=torch.randn(b, 3, size, size, device=device),
+                mask=torch.randint(0, nc, (b, size, size), device=device))
 
+# %% ../nbs/13_bench.ipynb #a93cd38a
 def _timed(fn, iters: int, warmup: int, device) -> float:
-    for _ in range(warmup): fn()
-    if device.type == "cuda": torch.cuda.synchronize(device)
+    "Seconds per call of `fn`, after `warmup` calls (CUDA synchronised)."
+    for _ in range(warmup):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     t = time.perf_counter()
-    for _ in range(iters): fn()
-    if device.type == "cuda": torch.cuda.synchronize(device)
+    for _ in range(iters):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     return (time.perf_counter() - t) / iters
 
+# %% ../nbs/13_bench.ipynb #f12fcc90
 def method_step_s(method: str = "supervised", batch: int = 8, batch_u: int = 8, size: int = 64, num_classes: int = 7,
                   iters: int = 20, warmup: int = 5, device: str = "auto", **options) -> float:
     "Seconds per optimisation step of `method` on random batches."
-    dev = get_device(device); seed_everything(0)
+    dev = get_device(device)
+    seed_everything(0)
     cfg, opts = make_config(method=method, batch_size=batch, batch_size_u=batch_u, crop=size, **options)
-    m = METHODS[method](cfg, opts, num_classes).to(dev).train()
+    m = get_method(method)(cfg, opts, num_classes).to(dev).train()
     opt = make_optimizer(cfg, m.param_groups(cfg.lr, cfg.head_lr_mult))   # the trainer's optimiser (AdamW by default)
     lb = _batch(batch, size, num_classes, dev)
     ub = [_batch(batch_u, size, num_classes, dev) for _ in range(m.needs_unlabeled)] or None
     it = [0]
+
     def step():
         terms = m(lb, ub, it[0])
         loss = sum(v for k, v in terms.items() if k.startswith("loss"))
-        opt.zero_grad(set_to_none=True); loss.backward(); opt.step(); m.after_step(it[0]); it[0] += 1
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        m.after_step(it[0])
+        it[0] += 1
     return _timed(step, iters, warmup, dev)
 
+# %% ../nbs/13_bench.ipynb #98a41621
 def bare_step_s(batch: int = 8, size: int = 64, num_classes: int = 7, iters: int = 20, warmup: int = 5,
                 device: str = "auto", **model_kw) -> float:
     "Seconds per forward/backward/optimiser step of the configured network alone: the floor for any trainer."
-    dev = get_device(device); seed_everything(0)
+    dev = get_device(device)
+    seed_everything(0)
     cfg, _ = make_config(**model_kw)
-    from semiseg.models import build_model
     net = build_model(num_classes, backbone=cfg.backbone, output_stride=cfg.output_stride).to(dev).train()
     opt = make_optimizer(cfg, [dict(params=list(net.parameters()), lr=cfg.lr)])
     b = _batch(batch, size, num_classes, dev)
+
     def step():
-        loss = ce_loss(net(b["image"]), b["mask"]); opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
+        loss = ce_loss(net(b["image"]), b["mask"])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
     return _timed(step, iters, warmup, dev)
 
 # %% ../nbs/13_bench.ipynb #30b1c6b6
@@ -64,41 +94,64 @@ def trainer_step_s(iters: int = 60, batch: int = 8, workers: int = 2, data_root=
     out = Path(tempfile.mkdtemp()) / "run"
     train(method="supervised", iters=iters, batch_size=batch, workers=workers, log_every=iters // 3,
           data_root=data_root, out_dir=str(out), ckpt_every=iters, **options)
-    recs = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if '"s_per_it"' in l]
+    recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"s_per_it"' in line]
     return sum(r["s_per_it"] for r in recs[1:]) / len(recs[1:])
 
+# %% ../nbs/13_bench.ipynb #ca610de9
 def loader_batches_per_s(batches: int = 100, batch: int = 8, workers: int = 2, data_root=None) -> float:
     "Batches per second the labeled stream delivers (images decoded and augmented) with `workers` processes."
     cfg, _ = make_config(data_root=data_root, labeled=1.0)
-    ds = build_data(cfg).labeled
+    ds = D.build_data(cfg).labeled
     it = stream(ds, batch, seed=0, workers=workers)
-    for _ in range(5): next(it)  # worker start-up
+    for _ in range(5):  # worker start-up
+        next(it)
     t = time.perf_counter()
-    for _ in range(batches): next(it)
+    for _ in range(batches):
+        next(it)
     return batches / (time.perf_counter() - t)
 
 # %% ../nbs/13_bench.ipynb #87ace6fb
 def _one(method: str, batch: int, batch_u: int, size: int, device: str, backbone: str = "tiny") -> dict:
-    load_methods()
+    "Step time and peak memory of one method (or the bare network), in this process."
     dev = get_device(device)
-    try: s = (bare_step_s(batch, size, device=device, backbone=backbone) if method == "bare" else
-              method_step_s(method, batch, batch_u, size, device=device, backbone=backbone))
-    except ValueError as e: return dict(skipped=str(e))  # a method that needs options (e.g. a teacher checkpoint)
+    try:
+        s = (bare_step_s(batch, size, device=device, backbone=backbone) if method == "bare" else
+             method_step_s(method, batch, batch_u, size, device=device, backbone=backbone))
+    except ValueError as e:
+        return dict(skipped=str(e))  # a method that needs options (e.g. a teacher checkpoint)
     mem = (torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else
            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**20
     return dict(step_s=s, peak_mem_mb=mem)
 
+# %% ../nbs/13_bench.ipynb #39abc84b
+def _print_table(res: dict):
+    "The benchmark's results as a table."
+    print(f"{'configuration':<14}{'step (ms)':>10}{'peak MB':>9}{'× supervised':>14}")
+    for k, v in res.items():
+        if "skipped" in v:
+            print(f"{k:<14} skipped: {v['skipped']}")
+        if "peak_mem_mb" in v:
+            ratio = v["step_s"] / res["supervised"]["step_s"]
+            print(f"{k:<14}{v['step_s'] * 1e3:>10.1f}{v['peak_mem_mb']:>9.0f}{ratio:>14.2f}")
+    if "trainer" in res:
+        print(f"trainer loop: {res['trainer']['step_s'] * 1e3:.1f} ms/it, overhead over a bare forward/backward/step "
+              f"{res['trainer']['overhead'] * 100:+.1f}%")
+        print(f"data loader (2 workers): {res['loader']['batches_per_s']:.0f} batches/s = "
+              f"{res['loader']['vs_consumption']:.1f}× what a supervised step consumes")
+        print(f"semiseg-check-data on the embedded benchmark (2,500 images): {res['check_data']['seconds']:.1f} s")
+
+# %% ../nbs/13_bench.ipynb #611f8fe9
 def run_benchmark(methods=None, batch: int = 8, batch_u: int = 8, size: int = 64, device: str = "auto",
                   out: str = "runs/bench/bench.json", pipeline: bool = True, backbone: str = "tiny") -> dict:
-    "Measure every method (default: all registered), the trainer overhead and the loader; print and save."
-    load_methods()
-    methods = list(methods or sorted(METHODS))
+    "Measure every method (default: all registered, pipelines aside), the trainer overhead and the loader; print, save."
+    methods = list(methods or [name for name, info in registered().items() if not info.pipeline])
     res = {}
     for m in ["bare", *dict.fromkeys(["supervised", *methods])]:   # supervised: the reference of every ratio
         p = subprocess.run([sys.executable, "-m", "semiseg.bench", "--one", m, "--batch", str(batch),
                             "--batch-u", str(batch_u), "--size", str(size), "--device", device, "--backbone", backbone],
                            capture_output=True, text=True)
-        if p.returncode: raise RuntimeError(f"benchmark of {m} failed:\n{p.stderr[-2000:]}")
+        if p.returncode:
+            raise RuntimeError(f"benchmark of {m} failed:\n{p.stderr[-2000:]}")
         res[m] = json.loads(p.stdout.strip().splitlines()[-1])
     if pipeline:
         root = D.make_synthetic()
@@ -106,38 +159,36 @@ def run_benchmark(methods=None, batch: int = 8, batch_u: int = 8, size: int = 64
         res["trainer"] = dict(step_s=t, overhead=t / res["bare"]["step_s"] - 1)
         bps = loader_batches_per_s(batch=batch, data_root=str(root))
         res["loader"] = dict(batches_per_s=bps, vs_consumption=bps * res["supervised"]["step_s"])
-        from semiseg.check import check_dataset
-        t0 = time.perf_counter(); n_probs = len(check_dataset(make_config(data_root=str(root))[0]))
+        t0 = time.perf_counter()
+        n_probs = len(check_dataset(make_config(data_root=str(root))[0]))
         res["check_data"] = dict(seconds=time.perf_counter() - t0, images=2500, problems=n_probs)
-    print(f"{'configuration':<14}{'step (ms)':>10}{'peak MB':>9}{'× supervised':>14}")
-    for k, v in res.items():
-        if "skipped" in v: print(f"{k:<14} skipped: {v['skipped']}")
-        if "peak_mem_mb" in v:
-            print(f"{k:<14}{v['step_s']*1e3:>10.1f}{v['peak_mem_mb']:>9.0f}{v['step_s']/res['supervised']['step_s']:>14.2f}")
-    if pipeline:
-        print(f"trainer loop: {res['trainer']['step_s']*1e3:.1f} ms/it, overhead over a bare forward/backward/step "
-              f"{res['trainer']['overhead']*100:+.1f}%")
-        print(f"data loader (2 workers): {res['loader']['batches_per_s']:.0f} batches/s = "
-              f"{res['loader']['vs_consumption']:.1f}× what a supervised step consumes")
-        print(f"semiseg-check-data on the embedded benchmark (2,500 images): {res['check_data']['seconds']:.1f} s")
-    res["setup"] = dict(batch=batch, batch_u=batch_u, size=size, backbone=backbone, device=str(get_device(device)), threads=torch.get_num_threads())
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    Path(out).write_text(json.dumps(res, indent=1))
+    _print_table(res)
+    res["setup"] = dict(batch=batch, batch_u=batch_u, size=size, backbone=backbone, device=str(get_device(device)),
+                        threads=torch.get_num_threads())
+    write_json(out, res)
     return res
 
+# %% ../nbs/13_bench.ipynb #63c59178
 def main(argv=None):
     "Console entry point `semiseg-bench`."
     ap = argparse.ArgumentParser(description="semiseg speed benchmark")
     ap.add_argument("--methods", nargs="*", help="methods to time (default: all registered)")
-    ap.add_argument("--batch", type=int, default=8); ap.add_argument("--batch-u", type=int, default=8)
-    ap.add_argument("--size", type=int, default=64); ap.add_argument("--device", default="auto")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--batch-u", type=int, default=8)
+    ap.add_argument("--size", type=int, default=64)
+    ap.add_argument("--device", default="auto")
     ap.add_argument("--out", default="runs/bench/bench.json")
-    ap.add_argument("--backbone", default="tiny", help="network of every method (e.g. resnet50 at --size 128 for the papers' encoder)")
+    ap.add_argument("--backbone", default="tiny",
+                    help="network of every method (e.g. resnet50 at --size 128 for the papers' encoder)")
     ap.add_argument("--no-pipeline", action="store_true", help="time the methods only (no trainer, loader or checker)")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
-    if a.one: print(json.dumps(_one(a.one, a.batch, a.batch_u, a.size, a.device, a.backbone))); return
-    run_benchmark(a.methods, a.batch, a.batch_u, a.size, a.device, a.out, pipeline=not a.no_pipeline, backbone=a.backbone)
+    if a.one:
+        print(json.dumps(_one(a.one, a.batch, a.batch_u, a.size, a.device, a.backbone)))
+        return
+    run_benchmark(a.methods, a.batch, a.batch_u, a.size, a.device, a.out, pipeline=not a.no_pipeline,
+                  backbone=a.backbone)
 
 # %% ../nbs/13_bench.ipynb #a470a52b
-if __name__ == "__main__": main()
+if __name__ == "__main__":
+    main()

@@ -1,4 +1,4 @@
-"""Find what is wrong with a dataset before training starts: missing and undecodable files, size mismatches, mask values outside the classes, colour masks, Cityscapes trainIds saved as labelIds, duplicate and overlapping ids.
+"""Find what is wrong with a dataset before training: missing or broken files, wrong sizes and values, bad splits.
 
 Docs: https://semiseg.github.io/semiseg/check.html.md"""
 
@@ -6,15 +6,18 @@ Docs: https://semiseg.github.io/semiseg/check.html.md"""
 
 # %% ../nbs/11_check.ipynb #4099ac17
 from __future__ import annotations
-import os, sys, time
+import os
+import sys
+import time
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
-from .core import IGNORE_INDEX, get_method
+from .core import IGNORE_INDEX
 from . import data as D
+from .method import method_info
+from .config import make_config, parse_args
 
 # %% auto #0
 __all__ = ['Problem', 'check_item', 'check_items', 'check_dataset', 'main']
@@ -22,116 +25,153 @@ __all__ = ['Problem', 'check_item', 'check_items', 'check_dataset', 'main']
 # %% ../nbs/11_check.ipynb #be4e4973
 @dataclass
 class Problem:
+    "One thing wrong with a dataset."
     kind: str       # short category, e.g. 'undecodable', 'mask values', 'size mismatch'
     path: str       # the file (or split file / folder) concerned
     message: str    # what is wrong, the value found, and the fix
-    def __str__(self): return f"[{self.kind}] {self.path}: {self.message}"
 
+    def __str__(self):
+        return f"[{self.kind}] {self.path}: {self.message}"
+
+# %% ../nbs/11_check.ipynb #41ed7f6e
 def _open(path, what):
-    "Fully decoded array of an image file, or a Problem."
+    "(mode, fully decoded array) of an image file, or a Problem."
     try:
-        if os.path.getsize(path) == 0: return Problem("undecodable", str(path), f"the {what} file is empty (0 bytes): re-extract or re-download it")
+        if os.path.getsize(path) == 0:
+            return Problem("undecodable", str(path),
+                           f"the {what} file is empty (0 bytes): re-extract or re-download it")
         with Image.open(path) as im:
             im.load()
             return im.mode, np.asarray(im)
-    except FileNotFoundError: return Problem("missing file", str(path), f"the {what} does not exist")
+    except FileNotFoundError:
+        return Problem("missing file", str(path), f"the {what} does not exist")
     except (UnidentifiedImageError, OSError, SyntaxError) as e:
-        return Problem("undecodable", str(path), f"cannot decode the {what} ({e}): the file is truncated or not an image; replace it")
+        return Problem("undecodable", str(path),
+                       f"cannot decode the {what} ({e}): the file is truncated or not an image; replace it")
 
+# %% ../nbs/11_check.ipynb #b4506c40
+def _decode_colours(mask, palette, path, ignore_index=IGNORE_INDEX) -> tuple[np.ndarray, list[Problem]]:
+    "A colour mask decoded with a folder dataset's palette, and a Problem for colours the palette lacks."
+    idx = D._rgb_to_index(mask, palette)
+    lost = (idx == ignore_index) & ~(mask[..., :3] == np.asarray(palette)[ignore_index]).all(-1)
+    if not lost.any():
+        return idx, []
+    cols = np.unique(mask[..., :3][lost], axis=0)[:3].tolist()
+    return idx, [Problem("unknown colours", str(path), f"{int(lost.sum())} pixels have colours that are not in the "
+                         f"palette of classes.yaml, e.g. {cols}: training would ignore them (255); add the colours to "
+                         "the palette, or repaint those pixels (anti-aliased or JPEG-saved masks blend colours)")]
+
+# %% ../nbs/11_check.ipynb #090e6993
 def check_item(item, num_classes: int, label_map=None, ignore_index: int = IGNORE_INDEX, cityscapes: bool = False,
                palette=None) -> list[Problem]:
-    "Every problem of one `(id, image_path, mask_path)` item (`palette`: a folder dataset's colours, to decode colour masks)."
+    "Every problem of one `(id, image_path, mask_path)` item (`palette`: a folder dataset's colours)."
     _, ip, mp = item
     img = _open(ip, "image")
     probs = [img] if isinstance(img, Problem) else []
-    if mp is None: return probs
-    m = _open(mp, "mask")
-    if isinstance(m, Problem): return probs + [m]
+    m = None if mp is None else _open(mp, "mask")
+    if m is None or isinstance(m, Problem):
+        return probs + ([m] if m is not None else [])
     mode, mask = m
     if mask.ndim == 3 and palette is not None:
-        idx = D._rgb_to_index(mask, palette)
-        lost = (idx == ignore_index) & ~(mask[..., :3] == np.asarray(palette)[ignore_index]).all(-1)
-        if lost.any():
-            cols = np.unique(mask[..., :3][lost], axis=0)[:3].tolist()
-            probs.append(Problem("unknown colours", str(mp), f"{int(lost.sum())} pixels have colours that are not in the palette "
-                                 f"of classes.yaml, e.g. {cols}: training would ignore them (255); add the colours to the "
-                                 "palette, or repaint those pixels (anti-aliased or JPEG-saved masks blend colours)"))
-        mask = idx
+        mask, lost = _decode_colours(mask, palette, mp, ignore_index)
+        probs += lost
     if mask.ndim == 3:
-        return probs + [Problem("colour mask", str(mp), f"a {mode} mask of shape {mask.shape}: masks must be palette ('P') or "
-                                "grayscale ('L') PNGs whose pixel values are class indices; convert the colours to indices "
-                                "(or give the palette in classes.yaml for a folder dataset)")]
+        return probs + [Problem("colour mask", str(mp), f"a {mode} mask of shape {mask.shape}: masks must be "
+                                "palette ('P') or grayscale ('L') PNGs whose pixel values are class indices; convert "
+                                "the colours to indices (or give the palette in classes.yaml for a folder dataset)")]
     if not isinstance(img, Problem) and img[1].shape[:2] != mask.shape:
         probs.append(Problem("size mismatch", str(mp), f"mask is {mask.shape[1]}x{mask.shape[0]} but its image {ip} is "
                              f"{img[1].shape[1]}x{img[1].shape[0]}: masks must match their images pixel for pixel"))
     values = np.unique(mask)
     if cityscapes and ignore_index in values:
-        return probs + [Problem("trainIds as labelIds", str(mp), f"contains {ignore_index}, which labelIds never do: this looks "
-                                "like a *_gtFine_trainIds.png image; use the official *_gtFine_labelIds.png files "
-                                "(semiseg maps labelIds to the 19 train ids itself)")]
+        return probs + [Problem("trainIds as labelIds", str(mp), f"contains {ignore_index}, which labelIds never do: "
+                                "this looks like a *_gtFine_trainIds.png image; use the official *_gtFine_labelIds.png "
+                                "files (semiseg maps labelIds to the 19 train ids itself)")]
     mapped = np.unique(np.asarray(label_map)[values]) if label_map is not None else values
     bad = [int(v) for v in mapped if v >= num_classes and v != ignore_index]
     if bad:
-        probs.append(Problem("mask values", str(mp), f"values {bad} are outside the {num_classes} classes 0..{num_classes - 1} "
-                             f"and the ignore value {ignore_index}: fix the mask, or set the right number of classes"))
+        probs.append(Problem("mask values", str(mp), f"values {bad} are outside the {num_classes} classes "
+                             f"0..{num_classes - 1} and the ignore value {ignore_index}: fix the mask, or set the "
+                             "right number of classes"))
     return probs
 
 # %% ../nbs/11_check.ipynb #1eab4679
 def _check_chunk(args):
+    "The problems of a chunk of items (one task of the process pool)."
     items, nc, lmap, cs, pal = args
     return [p for it in items for p in check_item(it, nc, lmap, cityscapes=cs, palette=pal)]
 
-def check_items(items, num_classes: int, label_map=None, cityscapes: bool = False, workers: int = 2, palette=None) -> list[Problem]:
+# %% ../nbs/11_check.ipynb #cfaac8a8
+def check_items(items, num_classes: int, label_map=None, cityscapes: bool = False, workers: int = 2,
+                palette=None) -> list[Problem]:
     "Check all items, in `workers` processes (in this process when workers <= 1)."
-    items = [tuple(map(lambda x: None if x is None else str(x), it)) for it in items]
+    items = [tuple(None if x is None else str(x) for x in it) for it in items]
     n = max(1, workers) * 8
     chunks = [(items[i::n], num_classes, label_map, cityscapes, palette) for i in range(n)]
-    if workers <= 1: return [p for c in chunks for p in _check_chunk(c)]
-    with ProcessPoolExecutor(workers) as ex: return [p for ps in ex.map(_check_chunk, chunks) for p in ps]
+    if workers <= 1:
+        return [p for c in chunks for p in _check_chunk(c)]
+    with ProcessPoolExecutor(workers) as ex:
+        return [p for ps in ex.map(_check_chunk, chunks) for p in ps]
 
+# %% ../nbs/11_check.ipynb #420439b3
 def _duplicates(ids, where) -> list[Problem]:
+    "A Problem for each id listed more than once."
     return [Problem("duplicate id", where, f"id {i!r} is listed {n} times: keep one line per image")
             for i, n in Counter(ids).items() if n > 1]
 
+# %% ../nbs/11_check.ipynb #357372fa
+def _split_problems(cfg, ids: list[str]) -> list[Problem]:
+    "The problems of the labeled/unlabeled split of the training pool `ids`."
+    probs = []
+    for f in (cfg.labeled_split, cfg.unlabeled_split):
+        if f:
+            probs += _duplicates(D.read_split(f), f)
+    try:
+        lab, unl = D.split_pool(list(dict.fromkeys(ids)), cfg.labeled, cfg.labeled_split, cfg.unlabeled_split,
+                                cfg.split_seed)
+    except (ValueError, FileNotFoundError) as e:
+        return probs + [Problem("split", str(cfg.labeled_split or cfg.labeled), str(e))]
+    overlap = sorted(set(lab) & set(unl))
+    if overlap:
+        probs.append(Problem("split overlap", str(cfg.unlabeled_split), f"{len(overlap)} ids are both labeled and "
+                             f"unlabeled, e.g. {overlap[:3]}: an image must be in one list only"))
+    unknown = sorted(set(unl) - set(ids))
+    if unknown:
+        probs.append(Problem("unknown id", str(cfg.unlabeled_split), f"{len(unknown)} unlabeled ids are not in "
+                             f"train_split={cfg.train_split}, e.g. {unknown[:3]}"))
+    if not unl and method_info(cfg.method).cls.needs_unlabeled:
+        probs.append(Problem("no unlabeled images", f"labeled={cfg.labeled}", f"method={cfg.method} is "
+                             "semi-supervised but every training image is labeled: choose a smaller labeled share or "
+                             "another split"))
+    return probs
+
+# %% ../nbs/11_check.ipynb #96292d65
 def check_dataset(cfg, workers: int = 2) -> list[Problem]:
     "All problems of the dataset, splits and files a training config points at."
-    from semiseg.train import dataset_items, split_ids
-    probs, pools = [], {}
-    for split in (cfg.train_split, cfg.val_split):
-        try: pools[split] = dataset_items(cfg, split)
-        except (FileNotFoundError, ValueError) as e: probs.append(Problem("missing", str(cfg.data_root), str(e)))
-    if probs: return probs
-    items, nc, names, lmap, _, root = pools[cfg.train_split]
-    ids = [it[0] for it in items]
-    probs += _duplicates(ids, f"train_split={cfg.train_split}")
-    for f in (cfg.labeled_split, cfg.unlabeled_split):
-        if f: probs += _duplicates(D.read_split(f), f)
     try:
-        lab, unl = split_ids(cfg, list(dict.fromkeys(ids)))
-        overlap = sorted(set(lab) & set(unl))
-        if overlap: probs.append(Problem("split overlap", str(cfg.unlabeled_split), f"{len(overlap)} ids are both labeled and unlabeled, e.g. {overlap[:3]}: an image must be in one list only"))
-        unknown = sorted(set(unl) - set(ids))
-        if unknown: probs.append(Problem("unknown id", str(cfg.unlabeled_split), f"{len(unknown)} unlabeled ids are not in train_split={cfg.train_split}, e.g. {unknown[:3]}"))
-        if not unl and get_method(cfg.method).needs_unlabeled:
-            probs.append(Problem("no unlabeled images", f"labeled={cfg.labeled}", f"method={cfg.method} is semi-supervised but "
-                                 "every training image is labeled: choose a smaller labeled share or another split"))
-    except (ValueError, FileNotFoundError) as e: probs.append(Problem("split", str(cfg.labeled_split or cfg.labeled), str(e)))
-    cs, pal = cfg.dataset == "cityscapes", (D.read_classes(root)[1] if cfg.dataset == "folder" else None)
-    probs += check_items(items + pools[cfg.val_split][0], nc, lmap, cs, workers, pal)
-    return probs
+        spec = D.dataset_spec(cfg.dataset, cfg.data_root)
+        pools = {split: spec.items(split) for split in (cfg.train_split, cfg.val_split)}
+    except (FileNotFoundError, ValueError) as e:
+        return [Problem("missing", str(cfg.data_root), str(e))]
+    ids = [it[0] for it in pools[cfg.train_split]]
+    probs = _duplicates(ids, f"train_split={cfg.train_split}") + _split_problems(cfg, ids)
+    return probs + check_items(pools[cfg.train_split] + pools[cfg.val_split], spec.num_classes, spec.label_map,
+                               spec.name == "cityscapes", workers, spec.palette)
 
 # %% ../nbs/11_check.ipynb #d96abf4b
 def main(argv=None):
     "Console entry point `semiseg-check-data`."
-    from semiseg.train import make_config, parse_args
     argv = sys.argv[1:] if argv is None else argv
     cfg, _ = make_config(parse_args(argv))
     t = time.time()
     probs = check_dataset(cfg)
-    for p in probs: print(p)
+    for p in probs:
+        print(p)
     print(f"{cfg.dataset} at {cfg.data_root or 'the embedded benchmark'}: "
           f"{len(probs)} problem(s) found in {time.time() - t:.1f} s", file=sys.stderr)
-    if probs: raise SystemExit(1)
+    if probs:
+        raise SystemExit(1)
 
 # %% ../nbs/11_check.ipynb #e118c5cf
-if __name__ == "__main__": main()
+if __name__ == "__main__":
+    main()

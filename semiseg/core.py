@@ -1,4 +1,4 @@
-"""Seeding, devices, distributed helpers, the method registry and safe checkpoint files: the small things every other module leans on.
+"""Seeding, devices, distributed helpers, atomically written files and checkpoints: what every other module leans on.
 
 Docs: https://semiseg.github.io/semiseg/core.html.md"""
 
@@ -6,17 +6,22 @@ Docs: https://semiseg.github.io/semiseg/core.html.md"""
 
 # %% ../nbs/00_core.ipynb #558a593c
 from __future__ import annotations
-import os, random, tempfile, difflib
+import difflib
+import json
+import os
+import random
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 import numpy as np
 import torch
 import torch.distributed as dist
 
 # %% auto #0
-__all__ = ['IGNORE_INDEX', 'IMAGENET_MEAN', 'IMAGENET_STD', 'METHODS', 'METHOD_MODULES', 'seed_everything', 'get_device',
-           'DistInfo', 'init_distributed', 'is_main', 'all_reduce_sum', 'load_methods', 'register_method', 'nearest',
-           'get_method', 'atomic_save', 'load_checkpoint', 'load_weights']
+__all__ = ['IGNORE_INDEX', 'IMAGENET_MEAN', 'IMAGENET_STD', 'seed_everything', 'get_device', 'DistInfo', 'init_distributed',
+           'is_main', 'all_reduce_sum', 'nearest', 'atomic_write', 'write_json', 'read_json', 'atomic_save',
+           'load_checkpoint', 'load_weights']
 
 # %% ../nbs/00_core.ipynb #c8ededcd
 IGNORE_INDEX = 255
@@ -26,90 +31,117 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # %% ../nbs/00_core.ipynb #ee1e52f8
 def seed_everything(seed: int):
     "Seed Python, NumPy and torch (all devices) with `seed`."
-    random.seed(seed); np.random.seed(seed % 2**32); torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
 
+# %% ../nbs/00_core.ipynb #6247afdc
 def get_device(name: str = "auto") -> torch.device:
     "`'auto'` picks CUDA when available (the local rank's GPU under torchrun), else CPU."
-    if name != "auto": return torch.device(name)
-    if torch.cuda.is_available(): return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     return torch.device("cpu")
 
 # %% ../nbs/00_core.ipynb #eb70b40a
 @dataclass
 class DistInfo:
+    "Where this process stands in a torchrun job."
     rank: int = 0
     local_rank: int = 0
     world_size: int = 1
-    @property
-    def main(self) -> bool: return self.rank == 0
-    @property
-    def distributed(self) -> bool: return self.world_size > 1
 
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+# %% ../nbs/00_core.ipynb #ddb4d9d5
 def init_distributed(device: torch.device | None = None) -> DistInfo:
     "Join the process group torchrun describes in the environment (no-op for a single process)."
-    info = DistInfo(int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)))
+    env = os.environ
+    info = DistInfo(int(env.get("RANK", 0)), int(env.get("LOCAL_RANK", 0)), int(env.get("WORLD_SIZE", 1)))
     if info.distributed and not dist.is_initialized():
         cuda = device is not None and device.type == "cuda"
-        if cuda: torch.cuda.set_device(device)
+        if cuda:
+            torch.cuda.set_device(device)
         dist.init_process_group("nccl" if cuda else "gloo")
     return info
 
+# %% ../nbs/00_core.ipynb #b4e6efc1
 def is_main() -> bool:
     "True on rank 0, or when not distributed."
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
+# %% ../nbs/00_core.ipynb #ffab9eb5
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     "Sum `t` in place over all ranks (no-op when not distributed)."
-    if dist.is_available() and dist.is_initialized(): dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
 
 # %% ../nbs/00_core.ipynb #5fe463e0
-import importlib
-METHODS: dict = {}
-METHOD_MODULES = ["semiseg.train", "semiseg.methods.cps", "semiseg.methods.mean_teacher", "semiseg.methods.fixmatch",
-                  "semiseg.methods.cct", "semiseg.methods.ucc", "semiseg.methods.ciscr"]  # importing these registers every method
-
-def load_methods():
-    "Import every module in `METHOD_MODULES`, registering all methods."
-    for m in METHOD_MODULES: importlib.import_module(m)
-
-def register_method(name: str):
-    "Class decorator: make a method available as `method=name`."
-    def deco(cls):
-        cls.name = name
-        METHODS[name] = cls
-        return cls
-    return deco
-
 def nearest(name: str, choices) -> str:
     "A hint naming the closest of `choices` to `name`, for error messages."
     close = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.5)
     return f"did you mean '{close[0]}'?" if close else f"valid: {', '.join(sorted(choices))}"
 
-def get_method(name: str):
-    "The registered method class called `name`."
-    if name not in METHODS: load_methods()
-    if name not in METHODS: raise ValueError(f"unknown method '{name}': {nearest(name, METHODS)}")
-    return METHODS[name]
-
 # %% ../nbs/00_core.ipynb #58024b8b
-def atomic_save(obj, path):
-    "`torch.save` `obj` to `path` atomically: temp file + fsync + rename."
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
+def atomic_write(path, data: bytes | str | Callable) -> Path:
+    "Write `data` (bytes, text, or a function of the open binary file) to `path`: temp file, fsync, rename."
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f); f.flush(); os.fsync(f.fileno())
+            if callable(data):
+                data(f)
+            else:
+                f.write(data.encode() if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)                                   # mkstemp makes it private
         os.replace(tmp, path)
-        for stale in path.parent.glob(f".{path.name}.*.tmp"): stale.unlink(missing_ok=True)  # left by a writer killed mid-save
+        for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a writer killed mid-write
+            stale.unlink(missing_ok=True)
     except BaseException:
-        if os.path.exists(tmp): os.unlink(tmp)
+        if os.path.exists(tmp):
+            os.unlink(tmp)
         raise
+    return path
 
+# %% ../nbs/00_core.ipynb #ffae69d8
+def write_json(path, obj) -> Path:
+    "Write `obj` as JSON to `path` atomically."
+    return atomic_write(path, json.dumps(obj, indent=1, default=str))
+
+# %% ../nbs/00_core.ipynb #ecb90870
+_FAIL = object()
+
+def read_json(path, default=_FAIL):
+    "The JSON value stored in `path`; `default` (when given) if the file is missing or not valid JSON."
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        if default is _FAIL:
+            raise
+        return default
+
+# %% ../nbs/00_core.ipynb #01f118ba
+def atomic_save(obj, path) -> Path:
+    "`torch.save` `obj` to `path` atomically."
+    return atomic_write(path, lambda f: torch.save(obj, f))
+
+# %% ../nbs/00_core.ipynb #f2429c4a
 def load_checkpoint(path, map_location="cpu"):
     "Load a checkpoint written by `atomic_save` (tensors and plain values only)."
     path = Path(path)
-    if not path.exists(): raise FileNotFoundError(f"checkpoint not found: {path}")
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
     return torch.load(path, map_location=map_location, weights_only=True)
 
 # %% ../nbs/00_core.ipynb #bf6c74cf

@@ -6,20 +6,40 @@ Docs: https://semiseg.github.io/semiseg/sweep.html.md"""
 
 # %% ../nbs/30_sweep.ipynb #4afe439c
 from __future__ import annotations
-import csv, ctypes, inspect, itertools, json, logging, math, os, re, signal, statistics, subprocess, sys, threading, time, traceback
+import argparse
+import ctypes
+import dataclasses
+import itertools
+import json
+import logging
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+import traceback
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
+import torch
 import yaml
 import semiseg
+from .core import read_json, write_json
+from .data import make_synthetic, partition, read_split
+from .models import build_model
+from .metrics import predict
+from .method import get_method, registered
+from .config import TrainConfig, full_config
+from .runs import collect_run, config_diff, load_results, write_csv
+from .bench import method_step_s
+from . import plots as P
 
 # %% auto #0
-__all__ = ['TEMPLATE_PARAMS', 'RUNNER_KEYS', 'PIPELINES', 'ID_KEYS', 'DEMO_METHODS', 'PIPELINE_COST', 'find_template',
-           'split_params', 'flat_config', 'injected_options', 'runs_root', 'record_path', 'check_run', 'run_pipeline',
-           'run_notebook', 'torchrun_command', 'train_command', 'stream_command', 'run_cli', 'launch', 'read_metrics',
-           'run_config', 'model_dir', 'val_dataset', 'palette_for', 'load_run_model', 'predict_run', 'save_predictions',
-           'strip_ansi', 'error_info', 'with_variants', 'expand_grid', 'grid_keys', 'run_name', 'collect_run',
-           'varying_keys', 'table_columns', 'write_csv', 'collect', 'find_runs', 'load_results', 'summarize', 'sweep',
-           'registered_methods', 'plan_demo', 'tta_image_s', 'demo', 'parse_sweep_args', 'main']
+__all__ = ['TEMPLATE_PARAMS', 'RUNNER_KEYS', 'find_template', 'split_params', 'flat_config', 'injected_options', 'runs_root',
+           'record_path', 'run_notebook', 'torchrun_command', 'train_command', 'stream_command', 'run_cli', 'launch',
+           'strip_ansi', 'error_info', 'with_variants', 'expand_grid', 'grid_keys', 'run_name', 'sweep', 'demo_methods',
+           'method_cost', 'plan_demo', 'tta_image_s', 'demo', 'parse_sweep_args', 'main']
 
 # %% ../nbs/30_sweep.ipynb #4c9623a1
 TEMPLATE_PARAMS = ("method", "options", "dataset", "data_root", "train_split", "val_split", "labeled", "labeled_split",
@@ -51,9 +71,6 @@ def flat_config(params: dict) -> dict:
 
 def injected_options(namespace: dict, method: str = "supervised") -> dict:
     "semiseg-train keys present in `namespace` that the template does not list: what `papermill -f configs/voc.yaml` injects."
-    import dataclasses
-    from semiseg.train import TrainConfig
-    from semiseg.core import get_method
     keys = [f.name for f in dataclasses.fields(TrainConfig)] + [f.name for f in dataclasses.fields(get_method(method).Options)]
     return {k: namespace[k] for k in keys if k in namespace and k not in TEMPLATE_PARAMS}
 
@@ -79,52 +96,6 @@ def record_path(out_dir, template=None) -> Path:
     if _inside_nbs(rec): raise ValueError(f"{rec}: record notebooks must not be written under nbs/ (the notebook tests would run them); use runs/")
     return rec
 
-# %% ../nbs/30_sweep.ipynb #a87be52a
-PIPELINES = ("self_training", "ciscr")     # multi-stage methods: one run = several semiseg-train stages (run_pipeline)
-_STAGE_METHODS = {"ciscr": ("ciscr_stage1", "ciscr_rectify")}   # self-training: its `stage_method`
-
-def _pipeline(name: str):
-    "(function, {option: default}) of pipeline `name`: its keyword arguments, self-training's `method` renamed `stage_method`."
-    if name == "self_training": from semiseg.methods.self_training import self_training as fn
-    elif name == "ciscr": from semiseg.methods.ciscr import run_ciscr as fn
-    else: raise ValueError(f"{name!r} is not a pipeline ({', '.join(PIPELINES)})")
-    return fn, {("stage_method" if k == "method" else k): p.default for k, p in inspect.signature(fn).parameters.items()
-                if p.default is not p.empty and k not in ("verbose", "until")}
-
-def check_run(flat: dict) -> dict:
-    "The full configuration of a run from its flat options, every key and type checked: a method's `config.json`, or a pipeline's."
-    from semiseg.train import make_config, config_dict
-    name = flat.get("method", "supervised")
-    if name not in PIPELINES: return config_dict(*make_config(flat))
-    _, own = _pipeline(name)
-    args = {k: flat.get(k, v) for k, v in own.items()}
-    train = {k: v for k, v in flat.items() if k not in own and k != "method"}
-    stages = _STAGE_METHODS.get(name) or ([args["stage_method"]] if isinstance(args["stage_method"], str) else args["stage_method"])
-    full = None
-    for m in stages:                                   # every stage gets the options: each stage's method must accept them
-        try: d = config_dict(*make_config({**train, "method": m}))
-        except ValueError as e: raise ValueError(f"{e} (method={name} passes its other options to every stage; its own are {', '.join(own)})") from None
-        full = d if full is None else {k: v for k, v in full.items() if k in d}
-    return {**full, **args, "method": name}
-
-def run_pipeline(out_dir, **config) -> dict:
-    "Run the pipeline `config['method']` into `out_dir` (stages in sub-folders); write config.json and results.json at the top; return the results."
-    t0, out = time.time(), Path(out_dir)
-    name = config.get("method")
-    full = check_run(config)
-    fn, own = _pipeline(name)
-    _write_json(out / "config.json", {**full, "out_dir": str(out)})
-    summary = fn(out, **{("method" if k == "stage_method" else k): full[k] for k in own},
-                 **{k: v for k, v in config.items() if k not in own and k not in ("method", "out_dir")})
-    st = summary["stages"]                             # ciscr: {stage name: ...}; self-training: [results of each stage]
-    dirs = [out / k for k in st] if isinstance(st, dict) else [Path(r["out_dir"]) for r in st]
-    res = [json.loads((d / "results.json").read_text()) for d in dirs]
-    results = {**res[-1], "method": name, "iters": sum(r["iters"] for r in res), "stage_iters": [r["iters"] for r in res],
-               "stage_miou": [r["miou"] for r in res], "final_stage": dirs[-1].name, "wall_s": time.time() - t0,
-               "out_dir": str(out), "pipeline": {k: v for k, v in summary.items() if k != "ran"}}
-    _write_json(out / "results.json", results)
-    return results
-
 # %% ../nbs/30_sweep.ipynb #e1abd790
 try: _LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
 except OSError: _LIBC = None
@@ -133,19 +104,16 @@ def _die_with_parent():
     "preexec_fn: SIGTERM this child when its parent exits (Linux; a no-op elsewhere). libc is loaded beforehand, in the parent."
     if _LIBC is not None: _LIBC.prctl(1, signal.SIGTERM)   # PR_SET_PDEATHSIG
 
-def _read_json(p: Path):
-    try: return json.loads(Path(p).read_text())
-    except (OSError, ValueError): return None
-
-def _write_json(p: Path, obj):
-    p = Path(p); p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(p.name + ".tmp"); tmp.write_text(json.dumps(obj, indent=1, default=str)); os.replace(tmp, p)
+def _is_pipeline(name) -> bool:
+    "Whether `name` is a registered pipeline (an unknown name fails later, with its own message)."
+    info = registered().get(name)
+    return info is not None and info.pipeline
 
 def run_notebook(params: dict, out_dir, template=None, kernel: str = "python3", log_output: bool = False,
                  start_timeout: int = 120) -> dict:
     "Execute the papermill template for one run into `<out_dir>.ipynb`; return the run's results.json."
     import papermill as pm
-    if params.get("method") in PIPELINES: raise ValueError(f"method={params['method']} is a pipeline: the template trains one network; use run_cli or launch")
+    if _is_pipeline(params.get("method")): raise ValueError(f"method={params['method']} is a pipeline: the template trains one network; use run_cli or launch")
     template = Path(template) if template else find_template()
     if template is None or not template.is_file(): raise FileNotFoundError("papermill template nbs/exp/train.ipynb not found; use run_cli or set $SEMISEG_TEMPLATES")
     out_dir = Path(out_dir).resolve()
@@ -162,15 +130,14 @@ def torchrun_command(config_file, nproc: int) -> list[str]:
     return [*head, "--standalone", f"--nproc_per_node={nproc}", "-m", "semiseg.train", str(config_file)]
 
 def train_command(params: dict, out_dir) -> list[str]:
-    "Write `<out_dir>/launch.json` with the run's flat config and return the command that trains it (a pipeline: `run_pipeline`)."
+    "Write `<out_dir>/launch.json` with the run's flat config and return the command that trains it."
     out_dir = Path(out_dir).resolve()
     cfg_file = out_dir / "launch.json"
     flat = flat_config(params)
-    _write_json(cfg_file, {**flat, "out_dir": str(out_dir)})
+    write_json(cfg_file, {**flat, "out_dir": str(out_dir)})
     nproc = int(params.get("nproc") or 1)
-    if flat.get("method") in PIPELINES:
-        if nproc > 1: raise ValueError(f"method={flat['method']} is a pipeline: its stages run in one process (nproc=1)")
-        return [sys.executable, "-m", "semiseg.experiments", "--pipeline", str(cfg_file)]
+    if nproc > 1 and _is_pipeline(flat.get("method")):
+        raise ValueError(f"method={flat['method']} is a pipeline: its stages run in one process (nproc=1)")
     return torchrun_command(cfg_file, nproc) if nproc > 1 else [sys.executable, "-m", "semiseg.train", str(cfg_file)]
 
 def stream_command(cmd: list[str], tail: int = 60, **kw) -> int:
@@ -193,98 +160,10 @@ def run_cli(params: dict, out_dir) -> dict:
 def launch(params: dict, out_dir, runner: str = "auto", template=None, **kw) -> dict:
     "One run with `runner` 'notebook' (papermill template), 'cli' (semiseg-train) or 'auto' (notebook if the template exists); pipelines: 'cli'."
     if runner == "auto": runner = "notebook" if (template or find_template()) else "cli"
-    if runner == "notebook" and params.get("method") in PIPELINES: runner = "cli"     # the template trains one network
+    if runner == "notebook" and _is_pipeline(params.get("method")): runner = "cli"     # the template trains one network
     if runner == "notebook": return run_notebook(params, out_dir, template=template, **kw)
     if runner == "cli": return run_cli(params, out_dir)
     raise ValueError(f"runner must be 'auto', 'notebook' or 'cli', got {runner!r}")
-
-# %% ../nbs/30_sweep.ipynb #af34b9c9
-def read_metrics(run_dir) -> list[dict]:
-    "The records of `<run_dir>/metrics.jsonl` (empty if there is none)."
-    f = Path(run_dir) / "metrics.jsonl"
-    if not f.is_file(): return []
-    return [json.loads(l) for l in f.read_text().splitlines() if l.strip()]
-
-def run_config(run_dir_or_config):
-    "(TrainConfig, method Options) of a run directory (or of a config dict), unknown keys of older versions dropped."
-    import dataclasses
-    from semiseg.train import make_config, TrainConfig
-    from semiseg.core import get_method
-    d = run_dir_or_config if isinstance(run_dir_or_config, dict) else _read_json(Path(run_dir_or_config) / "config.json")
-    if d is None: raise FileNotFoundError(f"{run_dir_or_config}: no config.json (not a run directory?)")
-    known = {f.name for f in dataclasses.fields(TrainConfig)} | {f.name for f in dataclasses.fields(get_method(d.get("method", "supervised")).Options)}
-    return make_config({k: v for k, v in d.items() if k in known})
-
-def model_dir(run_dir) -> Path:
-    "The directory of a run's evaluated network (config.json, ckpt/): the run itself, or a pipeline's final stage."
-    d = Path(run_dir)
-    stage = (_read_json(d / "results.json") or {}).get("final_stage")
-    return d / stage if stage and not (d / "ckpt").is_dir() else d
-
-def val_dataset(cfg, split: str | None = None):
-    "The evaluation images of a run's dataset (normalised images, class masks)."
-    from semiseg.train import dataset_items
-    from semiseg.transforms import eval_transform
-    from semiseg.data import SegDataset
-    items, nc, names, lmap, fixed, root = dataset_items(cfg, split or cfg.val_split)
-    return SegDataset(items, transform=eval_transform(), label_map=lmap, class_names=names)
-
-def palette_for(cfg_or_dataset, root=None):
-    "The (256, 3) colour map of a dataset: Cityscapes train-id colours, a folder dataset's classes.yaml palette, else VOC's."
-    from semiseg import data as D
-    name = getattr(cfg_or_dataset, "dataset", cfg_or_dataset)
-    root = root or getattr(cfg_or_dataset, "data_root", None)
-    if name == "cityscapes": return D.cityscapes_palette()
-    if name == "folder" and root:
-        pal = D.read_classes(root)[1]
-        if pal is not None: return pal
-    return D.voc_palette()
-
-def load_run_model(run_dir, ckpt: str = "last.pt", device: str = "cpu"):
-    "The evaluated network of a finished (or checkpointed) run, in eval mode."
-    from semiseg.core import get_method, load_checkpoint
-    d = Path(run_dir)
-    ck = load_checkpoint(d / "ckpt" / ckpt)
-    cfg, opts = run_config(ck.get("config") or _read_json(d / "config.json"))
-    cfg.pretrained = None                                    # the weights come from the checkpoint
-    res = _read_json(d / "results.json")
-    nc = len(res["class_names"]) if res else len(val_dataset(cfg).class_names)
-    method = get_method(cfg.method)(cfg, opts, nc)
-    method.load_state_dict(ck["model"])
-    return method.eval_model().to(device).eval()
-
-def predict_run(run_dir, indices=None, n: int = 6, model=None, dataset=None, device: str = "cpu") -> dict:
-    "Predictions of a run on validation images: dict(ids, images (uint8 H,W,3), gts, preds, class_names, palette)."
-    import numpy as np, torch
-    from semiseg.metrics import predict
-    from semiseg.transforms import denormalize
-    cfg, _ = run_config(run_dir)
-    ds = dataset if dataset is not None else val_dataset(cfg)
-    model = model if model is not None else load_run_model(run_dir, device=device)
-    dev = next(model.parameters()).device
-    indices = list(range(min(n, len(ds)))) if indices is None else list(indices)
-    out = dict(ids=[], images=[], gts=[], preds=[], class_names=list(ds.class_names), palette=palette_for(cfg))
-    kw = dict(crop=cfg.eval_crop) if cfg.eval_protocol == "slide" else {}
-    for i in indices:
-        s = ds[i]
-        x = s["image"].as_subclass(torch.Tensor)
-        probs = predict(model, x[None].to(dev), protocol=cfg.eval_protocol, **kw)
-        out["ids"].append(s["id"])
-        out["images"].append((denormalize(x).clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
-        out["gts"].append(np.asarray(s["mask"].as_subclass(torch.Tensor)).astype(np.uint8))
-        out["preds"].append(probs.argmax(1)[0].cpu().numpy().astype(np.uint8))
-    return out
-
-def save_predictions(run_dir, ids, preds, palette=None) -> Path:
-    "Write predictions as palette PNGs `<run_dir>/preds/<id>.png` (class indices, viewable as colours)."
-    import numpy as np
-    from PIL import Image
-    from semiseg.data import voc_palette
-    d = Path(run_dir) / "preds"; d.mkdir(parents=True, exist_ok=True)
-    pal = (voc_palette() if palette is None else np.asarray(palette, np.uint8)).ravel().tolist()
-    for i, p in zip(ids, preds):
-        im = Image.fromarray(np.asarray(p, np.uint8), "P"); im.putpalette(pal); im.save(d / f"{i}.png")
-    return d
 
 # %% ../nbs/30_sweep.ipynb #f74f615e
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
@@ -346,131 +225,22 @@ def run_name(params: dict, keys=()) -> str:
     return "-".join(parts)
 
 # %% ../nbs/30_sweep.ipynb #3c64315f
-ID_KEYS = ("method", "dataset", "labeled", "seed")
-
 def _full_config(params: dict) -> dict:
-    "Every key of a run, defaults filled in (`check_run`; params as given if they do not validate)."
-    try: return check_run(flat_config(params))
+    "Every key of a run, defaults filled in (`full_config`; params as given if they do not validate)."
+    try: return full_config(flat_config(params))
     except Exception: return flat_config(params)
-
-def collect_run(run_dir, params: dict | None = None, status: str | None = None, exit_status=None) -> dict:
-    "One row of the results table from a run directory."
-    d = Path(run_dir)
-    cfg = _read_json(d / "config.json") or _full_config(params or {})
-    res, err = _read_json(d / "results.json"), _read_json(d / "error.json")
-    row = dict(run=d.name, status=status or ("ok" if res else "failed" if err else "incomplete"), config=cfg)
-    if res:
-        row.update(miou=res.get("miou"), pixel_acc=res.get("pixel_acc"), wall_s=res.get("wall_s"), n_labeled=res.get("n_labeled"),
-                   n_unlabeled=res.get("n_unlabeled"), eval_protocol_name=res.get("eval_protocol"),
-                   **{f"iou_{n}": v for n, v in zip(res.get("class_names") or [], res.get("per_class_iou") or [])})
-        if res.get("stage_iters"): row.update(stage_iters=res["stage_iters"], stage_miou=res.get("stage_miou"))   # a pipeline
-    if (params or {}).get("variant") is not None: row["variant"] = params["variant"]
-    if err and not res:
-        row.update(failed_cell=err.get("failed_cell"), error=(err.get("traceback") or f"{err.get('ename')}: {err.get('evalue')}"))
-        if exit_status is None: exit_status = err.get("exit_status")
-    row["exit_status"] = exit_status
-    rec = d.parent / f"{d.name}.ipynb"
-    row["out_dir"], row["notebook"] = str(d), (str(rec) if rec.exists() else None)
-    return row
-
-def varying_keys(rows: list[dict]) -> list[str]:
-    "Config keys whose value differs between rows (identifying keys always included)."
-    cfgs = [r.get("config") or {} for r in rows]
-    keys = list(ID_KEYS)
-    for c in cfgs:
-        for k in c:
-            if k not in keys and k != "out_dir" and len({json.dumps(x.get(k), sort_keys=True, default=str) for x in cfgs}) > 1: keys.append(k)
-    return keys
-
-def _cell(v):
-    if v is None: return ""
-    if isinstance(v, float): return "" if math.isnan(v) else repr(round(v, 6))
-    if isinstance(v, (dict, list, tuple)): return json.dumps(v, default=str)
-    return str(v)
-
-_TAIL = ("wall_s", "n_labeled", "n_unlabeled", "eval_protocol_name", "exit_status", "failed_cell", "error", "out_dir", "notebook", "config")
-
-def table_columns(rows: list[dict]) -> list[str]:
-    "Column order: run, status, identifying and varying config keys, mIoU, per-class IoU, any other columns of the rows, the rest."
-    keys = varying_keys(rows)
-    if any(r.get("variant") is not None for r in rows): keys.insert(len(ID_KEYS), "variant")
-    ious = list(dict.fromkeys(k for r in rows for k in r if k.startswith("iou_")))
-    known = {"run", "status", *keys, "miou", "pixel_acc", *ious, *_TAIL}
-    extra = list(dict.fromkeys(k for r in rows for k in r if k not in known))   # e.g. pl_miou, variant: kept
-    return ["run", "status", *keys, "miou", "pixel_acc", *ious, *extra, *_TAIL]
-
-def write_csv(rows: list[dict], path) -> Path:
-    "Write the results table (columns: see `table_columns`) atomically."
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    cols = table_columns(rows)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as f:
-        w = csv.writer(f); w.writerow(cols)
-        for r in rows:
-            cfg = r.get("config") or {}
-            w.writerow([_cell(r.get(c, cfg.get(c))) for c in cols])
-    os.replace(tmp, path)
-    return path
-
-def _parse(s: str):
-    if s == "": return None
-    if s in ("True", "False"): return s == "True"
-    for t in (int, float):
-        try: return t(s)
-        except ValueError: pass
-    if s[:1] in "[{":
-        try: return json.loads(s)
-        except ValueError: pass
-    return s
-
-def collect(run_dirs) -> list[dict]:
-    "Rows of every run directory in `run_dirs` (folders holding config.json, results.json or error.json)."
-    return [collect_run(d) for d in run_dirs]
-
-def find_runs(root) -> list[Path]:
-    "Run directories under `root` (any depth; not those inside another run, such as a pipeline's stages), sorted."
-    root = Path(root)
-    marks = {p.parent for n in ("config.json", "results.json", "error.json") for p in root.rglob(n) if "ckpt" not in p.parts}
-    return sorted(m for m in marks if not any(p in marks for p in m.parents))
-
-def load_results(path) -> list[dict]:
-    "The results table as a list of dicts: from a CSV written by `write_csv`/`sweep`, or by scanning a folder of runs."
-    path = Path(path)
-    if path.is_dir():
-        if not find_runs(path) and (path / "results.csv").is_file(): path = path / "results.csv"
-        else:
-            rows = collect(find_runs(path))
-            keys = table_columns(rows)
-            return [{k: r.get(k, (r.get("config") or {}).get(k)) for k in keys} for r in rows]
-    if not path.is_file(): raise FileNotFoundError(f"no results table or run directories at {path}")
-    with open(path, newline="") as f:
-        return [{k: _parse(v) for k, v in r.items()} for r in csv.DictReader(f)]
-
-# %% ../nbs/30_sweep.ipynb #82360161
-def summarize(rows: list[dict], by=("method", "labeled"), value: str = "miou") -> list[dict]:
-    "Mean, std, n, min, max of `value` per group of `by` (rows without a value skipped), groups in order of appearance."
-    groups = {}
-    for r in rows:
-        v = r.get(value)
-        if v is None or (isinstance(v, float) and math.isnan(v)): continue
-        groups.setdefault(tuple(r.get(k) for k in by), []).append(float(v))
-    return [dict(zip(by, k), n=len(v), mean=statistics.fmean(v), std=statistics.stdev(v) if len(v) > 1 else 0.0,
-                 min=min(v), max=max(v)) for k, v in groups.items()]
 
 # %% ../nbs/30_sweep.ipynb #e964ffef
 _ACTIVE: set = set()
 
 def _config_mismatch(run_dir: Path, params: dict) -> list[str]:
-    "Keys whose value in the finished run's config.json differs from `params` (paths and out_dir ignored)."
-    old = _read_json(run_dir / "config.json")
+    "The options in which a finished run's config.json differs from `params` (`semiseg.runs.config_diff`)."
+    old = read_json(run_dir / "config.json", None)
     if old is None: return []
-    new = _full_config(params)
-    skip = {"out_dir", "data_root", "device", "workers", "resume"}
-    norm = lambda v: json.dumps(list(v) if isinstance(v, tuple) else v, sort_keys=True, default=str)
-    return [f"{k}: {old.get(k)!r} (done) vs {v!r} (asked)" for k, v in new.items() if k not in skip and k in old and norm(old[k]) != norm(v)]
+    return [f"{k}: {a!r} (done) vs {b!r} (asked)" for k, (a, b) in config_diff(old, _full_config(params)).items()]
 
 def _validate(params: dict) -> str | None:
-    try: check_run(flat_config(params)); return None
+    try: full_config(flat_config(params)); return None
     except Exception as e: return f"{type(e).__name__}: {e}"
 
 def _child_env(jobs: int) -> dict:
@@ -508,7 +278,7 @@ def _one(spec_file: str):
         launch(spec["params"], out_dir, runner=spec["runner"], template=spec.get("template"),
                **({"kernel": spec["kernel"], "log_output": True} if spec["runner"] == "notebook" else {}))
     except BaseException as e:
-        _write_json(out_dir / "error.json", {**error_info(e), "runner": spec["runner"]})
+        write_json(out_dir / "error.json", {**error_info(e), "runner": spec["runner"]})
         traceback.print_exc()
         sys.exit(1)
 
@@ -527,7 +297,7 @@ def sweep(grid, base: dict | None = None, out_root="runs/sweep", jobs: int = 1, 
     if runner == "notebook":
         template = str(Path(template or find_template()).resolve())
         for n in names: record_path(out_root / n, template)
-    _write_json(out_root / "sweep.json", dict(grid=grid, base=base or {}, variants=variants or {}, runner=runner, template=template,
+    write_json(out_root / "sweep.json", dict(grid=grid, base=base or {}, variants=variants or {}, runner=runner, template=template,
                                               runs={n: r for n, r in zip(names, runs)}))
     env, rows, lock = _child_env(jobs), [None] * len(runs), threading.Lock()
     say = print if verbose else (lambda *a, **k: None)
@@ -537,20 +307,21 @@ def sweep(grid, base: dict | None = None, out_root="runs/sweep", jobs: int = 1, 
         t0 = time.time()
         if (d / "results.json").is_file():
             bad = _config_mismatch(d, params)
-            if not bad: return collect_run(d, params, "cached")
-            row = collect_run(d, params, "failed")
+            if not bad: return collect_run(d, _full_config(params), "cached", variant=params.get("variant"))
+            row = collect_run(d, _full_config(params), "failed", variant=params.get("variant"))
             row.update(error=f"{d} holds a finished run with another config: " + "; ".join(bad) +
                        ". Use another out_root, or delete the folder to rerun.", config=_full_config(params))
             for k in ("miou", "pixel_acc", "wall_s"): row.pop(k, None)
             return row
         invalid = _validate(params)
         if invalid:
-            return {**collect_run(d, params, "failed"), "error": f"invalid config: {invalid}", "config": _full_config(params)}
+            return {**collect_run(d, _full_config(params), "failed", variant=params.get("variant")),
+                    "error": f"invalid config: {invalid}", "config": _full_config(params)}
         spec = out_root / ".specs" / f"{name}.json"
-        _write_json(spec, dict(params=params, out_dir=str(d), runner=runner, template=template, kernel=kernel))
+        write_json(spec, dict(params=params, out_dir=str(d), runner=runner, template=template, kernel=kernel))
         code, timed_out = _run_process(spec, out_root / f"{name}.log", env, timeout)
         ok = code == 0 and (d / "results.json").is_file()
-        row = collect_run(d, params, "ok" if ok else "failed", exit_status=code)
+        row = collect_run(d, _full_config(params), "ok" if ok else "failed", exit_status=code, variant=params.get("variant"))
         if not ok and not row.get("error"):
             log = (out_root / f"{name}.log")
             row["error"] = timed_out or ("\n".join(log.read_text(errors="replace").splitlines()[-40:]) if log.exists() else f"exit status {code}")
@@ -577,24 +348,15 @@ def sweep(grid, base: dict | None = None, out_root="runs/sweep", jobs: int = 1, 
     return load_results(out_root / csv_name)
 
 # %% ../nbs/30_sweep.ipynb #e3a48fef
-DEMO_METHODS = ("supervised", "cps", "cps_cutmix", "cpc", "sps", "mt", "cutmix_seg", "fixmatch", "cct", "ucc", "self_training", "ciscr")
-# a demo run of a pipeline, in what `demo` can time: method steps per iteration (summed over the stages), stages, TTA-labelled
-# images per unlabeled image (self-training labels whole images, a second or two: not counted)
-PIPELINE_COST = {"self_training": dict(steps={"supervised": 3.0}, stages=3, tta_passes=0.0),   # rounds=2 (the default): 3 stages
-                 "ciscr": dict(steps={"ciscr_stage1": 1.0, "supervised": 2 * 2.5}, stages=3, tta_passes=1.5)}
+def demo_methods() -> list[str]:
+    "The methods and pipelines `make demo` runs: those registered with `demo=True`, in their order."
+    return [name for name, info in registered().items() if info.demo]
 
-def registered_methods() -> list[str]:
-    "Names of all methods: those of `semiseg.core.METHOD_MODULES`, and any module of the `semiseg.methods` package."
-    import importlib, pkgutil
-    from semiseg.core import load_methods, METHODS
-    load_methods()
-    try:
-        import semiseg.methods as pkg
-        for m in pkgutil.iter_modules(pkg.__path__):
-            try: importlib.import_module(f"semiseg.methods.{m.name}")
-            except Exception as e: print(f"(semiseg.methods.{m.name} not loaded: {type(e).__name__}: {e})")
-    except ImportError: pass
-    return sorted(METHODS)
+def method_cost(name: str) -> dict:
+    "A run's work, for demo planning: one stage of `name`'s steps, or a pipeline's `cost()` with its default options."
+    info = registered()[name]
+    if info.pipeline: return info.cls(info.cls.Options()).cost()
+    return dict(steps={name: 1.0}, stages=1, tta_passes=0.0, tta={})
 
 def plan_demo(step_s: dict, seeds, budget_s: float, jobs: int = 1, overhead_s: float = 20.0, factor: float = 1.3,
               min_iters: int = 100, max_iters: int = 4000, stages: dict | None = None, fixed_s: dict | None = None) -> int:
@@ -609,53 +371,42 @@ def plan_demo(step_s: dict, seeds, budget_s: float, jobs: int = 1, overhead_s: f
     it = train_s * min(max(1, jobs), os.cpu_count() or 1) / (factor * sum(step_s.values()) * len(seeds))
     return int(max(min_iters, min(max_iters, 50 * (it // 50))))
 
-def tta_image_s(n: int = 8, size: int = 64, scale=None) -> float:
-    "Seconds to pseudo-label one image with CISC-R's TTA for a run trained at `scale` (the tiny network, random weights, random images)."
-    import torch
-    from semiseg.models import build_model
-    from semiseg.metrics import predict
-    from semiseg.pseudo import TTA, tta_scales
+def tta_image_s(tta: dict, n: int = 8, size: int = 64) -> float:
+    "Seconds to pseudo-label one image with the prediction keywords `tta` (the tiny network, random weights and images)."
     net, x = build_model(7, backbone="tiny").eval(), torch.randn(n, 3, size, size)
-    kw = {**TTA, "scales": tta_scales(scale)}
     with torch.no_grad():
-        predict(net, x[:2], **kw)                                    # warm-up
-        t = time.time(); predict(net, x, **kw)
+        predict(net, x[:2], **tta)                                   # warm-up
+        t = time.time(); predict(net, x, **tta)
     return (time.time() - t) / n
 
 def demo(out_root="runs/demo", methods=None, labeled="1/16", seeds=(0,), budget_s: float = 780, jobs: int = 2,
          iters: int | None = None, figures_s: float = 90, runner: str = "auto") -> Path:
     "The CPU demo: sweep the methods on the embedded benchmark within `budget_s`, then figures and report; returns report.md."
-    from semiseg.data import make_synthetic, partition, read_split
     t0 = time.time()
     out_root = Path(out_root)
-    avail = set(registered_methods())
-    for p in PIPELINES:
-        try: _pipeline(p); avail.add(p)
-        except Exception as e: print(f"(pipeline {p} not available: {type(e).__name__}: {e})")
-    methods = [m for m in (methods or DEMO_METHODS) if m in avail]
-    missing = [m for m in (methods or DEMO_METHODS) if m not in avail]
+    avail = set(registered())
+    methods = [m for m in (methods or demo_methods()) if m in avail]
+    missing = [m for m in (methods or demo_methods()) if m not in avail]
     if missing: print(f"not registered (skipped): {', '.join(missing)}")
     root = make_synthetic(verbose=True)
-    cost = {m: PIPELINE_COST.get(m, dict(steps={m: 1.0}, stages=1, tta_passes=0.0)) for m in methods}
+    cost = {m: method_cost(m) for m in methods}
     plan = out_root / "demo_plan.json"                    # a rerun keeps the first run's iterations: finished runs are reused
     if iters is None and plan.is_file():
-        iters = _read_json(plan)["iters"]
+        iters = read_json(plan)["iters"]
         print(f"{plan}: {iters} iterations per stage, as planned by the first `make demo` (delete the folder to plan anew)")
     if iters is None:
-        from semiseg.bench import method_step_s
         measured = {x: method_step_s(x, iters=5, warmup=2) for c in cost.values() for x in c["steps"]}
         steps = {m: sum(k * measured[x] for x, k in c["steps"].items()) for m, c in cost.items()}
         n_unl = len(partition(read_split(root / "ImageSets" / "Segmentation" / "train.txt"), labeled)[1])
-        tta_s = tta_image_s() if any(c["tta_passes"] for c in cost.values()) else 0.0
-        fixed = {m: c["tta_passes"] * n_unl * tta_s for m, c in cost.items() if c["tta_passes"]}
+        fixed = {m: c["tta_passes"] * n_unl * tta_image_s(c["tta"]) for m, c in cost.items() if c["tta_passes"]}
         left = budget_s - (time.time() - t0) - figures_s
         iters = plan_demo(steps, seeds, left, jobs=jobs, stages={m: c["stages"] for m, c in cost.items()}, fixed_s=fixed)
         print("step times (s): " + ", ".join(f"{m} {v:.3f}" for m, v in measured.items()) + "; per iteration of a run: "
-              + ", ".join(f"{m} {v:.3f}" for m, v in steps.items() if m in PIPELINE_COST)
+              + ", ".join(f"{m} {v:.3f}" for m, v in steps.items() if cost[m]["stages"] > 1)
               + "".join(f"; {m} pseudo-labelling ~{v:.0f} s" for m, v in fixed.items()) + f" -> {iters} iterations per stage")
     base = dict(dataset="synthetic", data_root=str(root), labeled=labeled, iters=iters, optimizer="adamw", lr=0.002,
                 workers=1, n_show=4, log_every=max(1, iters // 25))
-    _write_json(plan, dict(iters=iters, budget_s=budget_s))
+    write_json(plan, dict(iters=iters, budget_s=budget_s))
     rows = sweep({"method": methods, "seed": list(seeds)}, base, out_root=out_root, jobs=jobs, runner=runner)
     multi = [f"{m} {c['stages']} stages ({c['stages']} × {iters} iterations)" for m, c in cost.items() if c["stages"] > 1]
     notes = (f"CPU demo: {len(methods)} methods × {len(seeds)} seed(s) at {labeled} labels of the embedded benchmark "
@@ -672,7 +423,6 @@ def demo(out_root="runs/demo", methods=None, labeled="1/16", seeds=(0,), budget_
         pm.execute_notebook(str(tpl), str(out_root.resolve() / "figures.ipynb"), kernel_name="python3", progress_bar=False,
                             parameters=dict(results=str(csv_path), title="semiseg CPU demo", notes=notes))
     else:
-        from semiseg import plots as P
         done, _ = P.render_all(rows, out_root / "figures")
         P.write_report(rows, out_root, figures=done, title="semiseg CPU demo", notes=notes)
     print(f"demo done in {time.time() - t0:.0f} s: {out_root / 'report.md'}")
@@ -705,10 +455,8 @@ def parse_sweep_args(items: list[str]) -> tuple[dict, dict, dict]:
 
 def main(argv: list[str] | None = None):
     "Console entry point `semiseg-sweep`."
-    import argparse
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--one"]: return _one(argv[1])
-    if argv[:1] == ["--pipeline"]: run_pipeline(**json.loads(Path(argv[1]).read_text())); return 0   # train_command's child
     ap = argparse.ArgumentParser(prog="semiseg-sweep", description="Run a grid of semiseg experiments, one process per run; "
                                  "results in <out>/results.csv.")
     ap.add_argument("items", nargs="*", help="sweep YAML files and key=v1,v2 (sweep) or key=v (all runs)")
@@ -719,7 +467,7 @@ def main(argv: list[str] | None = None):
     ap.add_argument("--dry-run", action="store_true", help="print the runs and exit")
     ap.add_argument("--demo", action="store_true", help="the CPU demo (make demo): methods at 1/16 labels, figures, report")
     ap.add_argument("--budget", type=float, default=780, help="--demo: wall-clock budget in seconds")
-    ap.add_argument("--methods", help="--demo: comma-separated methods (default: DEMO_METHODS that are registered)")
+    ap.add_argument("--methods", help="--demo: comma-separated methods (default: those registered with demo=True)")
     ap.add_argument("--seeds", default="0", help="--demo: comma-separated seeds")
     ap.add_argument("--iters", type=int, help="--demo: iterations per run and stage (default: as many as the budget allows)")
     a = ap.parse_intermixed_args(argv)   # key=value items may come after the options

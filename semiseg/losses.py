@@ -1,4 +1,4 @@
-"""Pixel-wise cross-entropy with an ignore label, online hard example mining (OHEM), the softmax-MSE consistency loss and its ramp-up.
+"""Cross-entropy with an ignore label, online hard example mining, the softmax-MSE consistency loss and its ramp-up.
 
 Docs: https://semiseg.github.io/semiseg/losses.html.md"""
 
@@ -17,7 +17,8 @@ __all__ = ['ce_loss', 'OhemCE', 'softmax_mse', 'sigmoid_rampup', 'cps_loss', 'cp
 # %% ../nbs/04_losses.ipynb #4a847a1b
 def ce_loss(logits: torch.Tensor, target: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
     "Cross-entropy over pixels whose target is not `ignore_index` (0 when there are none, not nan)."
-    if (target != ignore_index).any(): return F.cross_entropy(logits, target, ignore_index=ignore_index)
+    if (target != ignore_index).any():
+        return F.cross_entropy(logits, target, ignore_index=ignore_index)
     return logits.sum() * 0.0
 
 # %% ../nbs/04_losses.ipynb #4603b75b
@@ -28,7 +29,8 @@ class OhemCE(nn.Module):
         self.thresh, self.min_kept, self.ignore_index = thresh, min_kept, ignore_index
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         valid = target != self.ignore_index
-        if not valid.any(): return logits.sum() * 0.0
+        if not valid.any():
+            return logits.sum() * 0.0
         with torch.no_grad():
             prob = logits.softmax(1).gather(1, target.clamp(max=logits.shape[1] - 1).unsqueeze(1)).squeeze(1)
             vp = prob[valid]
@@ -45,7 +47,8 @@ def softmax_mse(logits: torch.Tensor, target_logits: torch.Tensor) -> torch.Tens
 # %% ../nbs/04_losses.ipynb #551e10b6
 def sigmoid_rampup(it: int, length: int) -> float:
     "exp(-5 (1 - it/length)^2), clipped to 1 after `length` iterations (1 when length is 0)."
-    if length <= 0: return 1.0
+    if length <= 0:
+        return 1.0
     t = min(max(it, 0), length) / length
     return float(torch.exp(torch.tensor(-5.0 * (1.0 - t) ** 2)))
 
@@ -61,6 +64,6 @@ def cps_loss(logits_a: torch.Tensor, logits_b: torch.Tensor, ignore_index: int =
 
 # %% ../nbs/04_losses.ipynb #99a91f35
 def cpc_loss(logits_a: torch.Tensor, logits_b: torch.Tensor) -> torch.Tensor:
-    "Cross probability consistency: per-pixel ||p_a - sg(p_b)||² + ||p_b - sg(p_a)||², summed over classes, mean over pixels."
+    "Cross probability consistency: ||p_a - sg(p_b)||² + ||p_b - sg(p_a)||² per pixel (summed over classes), mean."
     pa, pb = logits_a.softmax(1), logits_b.softmax(1)
     return ((pa - pb.detach()) ** 2).sum(1).mean() + ((pb - pa.detach()) ** 2).sum(1).mean()

@@ -1,4 +1,4 @@
-"""A streaming confusion matrix, mIoU, and the three inference protocols of the papers: whole image, sliding window, multi-scale + flip.
+"""A streaming confusion matrix, mIoU, and the papers' inference protocols: whole image, sliding window, multi-scale.
 
 Docs: https://semiseg.github.io/semiseg/metrics.html.md"""
 
@@ -29,9 +29,12 @@ class ConfusionMatrix:
     @torch.no_grad()
     def update(self, pred, target):
         "Add a batch: `pred` labels (...) or scores (B,C,...); `target` labels (...) with `ignore_index`."
-        if pred.dim() == target.dim() + 1: pred = pred.argmax(1)
-        if pred.shape != target.shape: raise ValueError(f"pred {tuple(pred.shape)} and target {tuple(target.shape)} differ")
-        if self.mat.device != pred.device: self.mat = self.mat.to(pred.device)
+        if pred.dim() == target.dim() + 1:
+            pred = pred.argmax(1)
+        if pred.shape != target.shape:
+            raise ValueError(f"pred {tuple(pred.shape)} and target {tuple(target.shape)} differ")
+        if self.mat.device != pred.device:
+            self.mat = self.mat.to(pred.device)
         n = self.num_classes
         pred, target = pred.reshape(-1).long(), target.to(pred.device).reshape(-1).long()
         keep = target != self.ignore_index
@@ -44,7 +47,8 @@ class ConfusionMatrix:
 
     def all_reduce(self):
         "Sum the matrices of all ranks (torch.distributed); no-op when not distributed. Call once."
-        if dist.is_available() and dist.is_initialized(): dist.all_reduce(self.mat, op=dist.ReduceOp.SUM)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(self.mat, op=dist.ReduceOp.SUM)
         return self
 
     def iou(self) -> torch.Tensor:
@@ -62,23 +66,31 @@ class ConfusionMatrix:
         m = self.mat.double().cpu()
         return float(m.diagonal().sum() / m.sum() * 100)
 
-    def __repr__(self): return f"ConfusionMatrix({self.num_classes} classes, {int(self.mat.sum())} pixels)"
+    def __repr__(self):
+        return f"ConfusionMatrix({self.num_classes} classes, {int(self.mat.sum())} pixels)"
 
 # %% ../nbs/05_metrics.ipynb #bdf2ccf1
 PROTOCOLS = ('whole', 'slide', 'msf')
+
 MSF_SCALES = (0.5, 0.75, 1.0, 1.5, 2.0)
 
-def _pair(v): return (int(v), int(v)) if isinstance(v, (int, float)) else tuple(int(i) for i in v)
+# %% ../nbs/05_metrics.ipynb #fd395216
+def _pair(v):
+    return (int(v), int(v)) if isinstance(v, (int, float)) else tuple(int(i) for i in v)
 
+# %% ../nbs/05_metrics.ipynb #3ba5ad24
 def _probs(model, x):
     "Softmax probabilities of one forward pass, at the size of `x`."
     out = model(x)
-    if isinstance(out, (tuple, list)): out = out[0]
-    elif isinstance(out, dict): out = out['out']
+    if isinstance(out, (tuple, list)):
+        out = out[0]
+    elif isinstance(out, dict):
+        out = out['out']
     if out.shape[-2:] != x.shape[-2:]:
         out = F.interpolate(out, size=x.shape[-2:], mode='bilinear', align_corners=True)
     return out.float().softmax(1)
 
+# %% ../nbs/05_metrics.ipynb #9d0a6cf2
 def _slide(model, x, crop, stride_rate):
     "Sliding-window softmax: tiles of `crop`, stride ceil(crop*stride_rate), overlaps averaged."
     (ch, cw), (H, W) = _pair(crop), x.shape[-2:]
@@ -91,11 +103,13 @@ def _slide(model, x, crop, stride_rate):
     for y0 in ys:
         for x0 in xs:
             p = _probs(model, xp[..., y0:y0 + ch, x0:x0 + cw])
-            if total is None: total = p.new_zeros(x.shape[0], p.shape[1], Hp, Wp)
+            if total is None:
+                total = p.new_zeros(x.shape[0], p.shape[1], Hp, Wp)
             total[..., y0:y0 + ch, x0:x0 + cw] += p
             count[..., y0:y0 + ch, x0:x0 + cw] += 1
     return (total / count)[..., :H, :W]
 
+# %% ../nbs/05_metrics.ipynb #a1103b6c
 def _msf(model, x, scales, flip, single):
     "Mean softmax over scales × (identity, h-flip), each view predicted by `single` and resized back."
     H, W = x.shape[-2:]
@@ -105,10 +119,12 @@ def _msf(model, x, scales, flip, single):
         xs = x if size == (H, W) else F.interpolate(x, size=size, mode='bilinear', align_corners=True)
         for fl in ((False, True) if flip else (False,)):
             p = single(xs.flip(-1)).flip(-1) if fl else single(xs)
-            if p.shape[-2:] != (H, W): p = F.interpolate(p, size=(H, W), mode='bilinear', align_corners=True)
+            if p.shape[-2:] != (H, W):
+                p = F.interpolate(p, size=(H, W), mode='bilinear', align_corners=True)
             total, n = total + p, n + 1
     return total / n
 
+# %% ../nbs/05_metrics.ipynb #7414b3ae
 @torch.no_grad()
 def predict(model:nn.Module, images:torch.Tensor, # normalised float images (B,3,H,W) on the model's device
             num_classes:int=None,       # if given, checked against the model's output
@@ -119,8 +135,10 @@ def predict(model:nn.Module, images:torch.Tensor, # normalised float images (B,3
             flip:bool=True              # 'msf' only: add horizontally flipped views
            ) -> torch.Tensor:
     "Softmax probabilities (B,C,H,W) of `model` on `images` with the given inference protocol."
-    if protocol not in PROTOCOLS: raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
-    if protocol == 'slide' and crop is None: raise ValueError("protocol 'slide' needs crop=<window size>")
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
+    if protocol == 'slide' and crop is None:
+        raise ValueError("protocol 'slide' needs crop=<window size>")
     single = (lambda x: _probs(model, x)) if crop is None or protocol == 'whole' else \
              (lambda x: _slide(model, x, crop, stride_rate))
     probs = _msf(model, images, scales, flip, single) if protocol == 'msf' else single(images)
@@ -134,27 +152,41 @@ def _rate(r):
     return (str(f.numerator) if f.denominator == 1 else f"{f.numerator}/{f.denominator}") \
         if abs(float(f) - r) < 1e-9 else f"{r:g}"
 
-def eval_protocol_name(protocol:str='whole', crop=None, stride_rate:float=2/3, scales=MSF_SCALES, flip:bool=True) -> str:
+# %% ../nbs/05_metrics.ipynb #0643a552
+def eval_protocol_name(protocol:str='whole', crop=None, stride_rate:float=2/3, scales=MSF_SCALES,
+                       flip:bool=True) -> str:
     "A string naming the inference protocol and its parameters, e.g. 'slide(crop=512,stride=2/3)'."
-    if protocol not in PROTOCOLS: raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
     win = None
     if crop is not None:
         h, w = _pair(crop)
         win = f"crop={h if h == w else f'{h}x{w}'},stride={_rate(stride_rate)}"
-    if protocol == 'whole': return 'whole'
-    if protocol == 'slide': return f"slide({win})"
+    if protocol == 'whole':
+        return 'whole'
+    if protocol == 'slide':
+        return f"slide({win})"
     parts = ['scales=' + ','.join(f"{s:g}" for s in scales)] + (['flip'] if flip else []) + ([win] if win else [])
     return f"msf({';'.join(parts)})"
 
-def _plain(t): return t.as_subclass(torch.Tensor) if isinstance(t, torch.Tensor) else torch.as_tensor(t)
+# %% ../nbs/05_metrics.ipynb #b1f77da4
+def _none_if_nan(v):
+    "`v`, or None for nan (JSON has no nan)."
+    return None if math.isnan(v) else v
 
+# %% ../nbs/05_metrics.ipynb #ed2e10eb
+def _plain(t):
+    return t.as_subclass(torch.Tensor) if isinstance(t, torch.Tensor) else torch.as_tensor(t)
+
+# %% ../nbs/05_metrics.ipynb #c5653f46
 def evaluate(model:nn.Module, loader, # iterable of dict(image=(B,3,H,W) float, mask=(B,H,W) int64, 255 = ignore)
              num_classes:int, protocol:str='whole',
              device=None,               # default: the model's device
              ignore_index:int=255, **predict_kw) -> dict:
     "mIoU, per-class IoU and pixel accuracy (percent) of `model` on `loader`, with the protocol's name."
     name = eval_protocol_name(protocol, **predict_kw)
-    if device is None: device = next(iter(model.parameters()), torch.empty(0)).device
+    if device is None:
+        device = next(iter(model.parameters()), torch.empty(0)).device
     cm = ConfusionMatrix(num_classes, ignore_index, device)
     modes = {m: m.training for m in model.modules()}
     model.eval()
@@ -168,8 +200,8 @@ def evaluate(model:nn.Module, loader, # iterable of dict(image=(B,3,H,W) float, 
                     probs = F.interpolate(probs, size=y.shape[-2:], mode='bilinear', align_corners=True)
                 cm.update(probs.argmax(1), y)
     finally:
-        for m, mode in modes.items(): m.training = mode
+        for m, mode in modes.items():
+            m.training = mode
     cm.all_reduce()
-    nan2none = lambda v: None if math.isnan(v) else v
-    return dict(miou=nan2none(cm.miou()), per_class_iou=[nan2none(float(v) * 100) for v in cm.iou()],
-                pixel_acc=nan2none(cm.pixel_acc()), eval_protocol=name)
+    return dict(miou=_none_if_nan(cm.miou()), per_class_iou=[_none_if_nan(float(v) * 100) for v in cm.iou()],
+                pixel_acc=_none_if_nan(cm.pixel_acc()), eval_protocol=name)

@@ -22,13 +22,16 @@ def _dilate(layer:nn.Sequential, first:int, rest:int):
         d = first if i == 0 else rest
         for m in block.modules():
             if isinstance(m, nn.Conv2d):
-                if m.stride == (2, 2): m.stride = (1, 1)
-                if m.kernel_size == (3, 3): m.dilation, m.padding = (d, d), (d, d)
+                if m.stride == (2, 2):
+                    m.stride = (1, 1)
+                if m.kernel_size == (3, 3):
+                    m.dilation, m.padding = (d, d), (d, d)
     return layer
 
 # %% ../nbs/03_models.ipynb #c04ae29e
 TINY_WIDTHS = (16, 32, 64, 128)  # channels of layer1..layer4 of the 'tiny' ResNet-18 layout
 
+# %% ../nbs/03_models.ipynb #63a46bc4
 def _tiny_resnet(widths=TINY_WIDTHS, blocks=(2, 2, 2, 2)):
     "A narrow ResNet-18 (torchvision `BasicBlock`s, same stem) with torchvision's attribute names."
     net = nn.Module()
@@ -45,29 +48,39 @@ def _tiny_resnet(widths=TINY_WIDTHS, blocks=(2, 2, 2, 2)):
         setattr(net, f'layer{i+1}', nn.Sequential(*layer))
         cin = w
     for m in net.modules():  # torchvision's initialisation
-        if isinstance(m, nn.Conv2d): nn.init.kaiming_normal_(m.weight, mode='fan_out', nonlinearity='relu')
-        elif isinstance(m, nn.BatchNorm2d): nn.init.ones_(m.weight); nn.init.zeros_(m.bias)
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode='fan_out', nonlinearity='relu')
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
     return net
 
 # %% ../nbs/03_models.ipynb #a4abf298
 BACKBONES = ('tiny', 'resnet18', 'resnet34', 'resnet50', 'resnet101')
 
+# %% ../nbs/03_models.ipynb #357bdfbc
 class ResNetBackbone(nn.Module):
     "A torchvision ResNet trunk returning `dict(low=layer1, high=layer4)` at output stride 8 or 16."
     def __init__(self, name:str='resnet50', # one of `BACKBONES`
                  output_stride:int=16):     # 8 or 16
         super().__init__()
-        if name not in BACKBONES: raise ValueError(f"backbone must be one of {BACKBONES}, got {name!r}")
-        if output_stride not in (8, 16): raise ValueError(f"output_stride must be 8 or 16, got {output_stride}")
+        if name not in BACKBONES:
+            raise ValueError(f"backbone must be one of {BACKBONES}, got {name!r}")
+        if output_stride not in (8, 16):
+            raise ValueError(f"output_stride must be 8 or 16, got {output_stride}")
         dil = [False, False, True] if output_stride == 16 else [False, True, True]
-        if name == 'tiny': net = _tiny_resnet()
+        if name == 'tiny':
+            net = _tiny_resnet()
         elif name in ('resnet50', 'resnet101'):
             net = getattr(tv_resnet, name)(weights=None, replace_stride_with_dilation=dil)
         else:  # BasicBlock nets: torchvision raises on dilation, convert the strides ourselves
             net = getattr(tv_resnet, name)(weights=None)
         if name == 'tiny' or name in ('resnet18', 'resnet34'):
-            if output_stride == 8: _dilate(net.layer3, 1, 2); _dilate(net.layer4, 2, 4)
-            else: _dilate(net.layer4, 1, 2)
+            if output_stride == 8:
+                _dilate(net.layer3, 1, 2)
+                _dilate(net.layer4, 2, 4)
+            else:
+                _dilate(net.layer4, 1, 2)
         self.name, self.output_stride = name, output_stride
         self.conv1, self.bn1, self.relu, self.maxpool = net.conv1, net.bn1, net.relu, net.maxpool
         self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
@@ -75,7 +88,8 @@ class ResNetBackbone(nn.Module):
         self.high_channels = self._width(self.layer4)
 
     @staticmethod
-    def _width(layer): return [m for m in layer.modules() if isinstance(m, nn.BatchNorm2d)][-1].num_features
+    def _width(layer):
+        return [m for m in layer.modules() if isinstance(m, nn.BatchNorm2d)][-1].num_features
 
     def forward(self, x):
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
@@ -87,30 +101,40 @@ class ResNetBackbone(nn.Module):
 _TV_WEIGHTS = dict(resnet18='ResNet18_Weights', resnet34='ResNet34_Weights',
                    resnet50='ResNet50_Weights', resnet101='ResNet101_Weights')
 
+# %% ../nbs/03_models.ipynb #792451e6
 def _imagenet_state_dict(name:str):
     "torchvision's IMAGENET1K_V1 weights for ResNet `name` (downloads them, or reads the torch hub cache)."
-    if name not in _TV_WEIGHTS: raise ValueError(f"no ImageNet weights for backbone {name!r}; pass a local .pth path")
+    if name not in _TV_WEIGHTS:
+        raise ValueError(f"no ImageNet weights for backbone {name!r}; pass a local .pth path")
     weights = getattr(tv_resnet, _TV_WEIGHTS[name]).IMAGENET1K_V1
-    try: return weights.get_state_dict(progress=False)
+    try:
+        return weights.get_state_dict(progress=False)
     except Exception as e:
         raise RuntimeError(f"could not fetch torchvision's ImageNet weights for {name} ({type(e).__name__}: {e}). "
                            f"Without network access, download {weights.url} elsewhere and pass its local path "
                            f"as pretrained='/path/to/{Path(weights.url).name}'.") from e
 
+# %% ../nbs/03_models.ipynb #6af8b4de
 def _backbone_state_dict(sd:dict) -> dict:
     "Extract backbone weights from a torchvision ResNet / wrapped / DeepLabV3Plus state dict."
     for k in ('state_dict', 'model'):
-        if k in sd and isinstance(sd[k], dict): sd = sd[k]
-    if sd and all(k.startswith('module.') for k in sd): sd = {k[7:]: v for k, v in sd.items()}
-    if any(k.startswith('backbone.') for k in sd): sd = {k[9:]: v for k, v in sd.items() if k.startswith('backbone.')}
+        if k in sd and isinstance(sd[k], dict):
+            sd = sd[k]
+    if sd and all(k.startswith('module.') for k in sd):
+        sd = {k[7:]: v for k, v in sd.items()}
+    if any(k.startswith('backbone.') for k in sd):
+        sd = {k[9:]: v for k, v in sd.items() if k.startswith('backbone.')}
     return {k: v for k, v in sd.items() if not k.startswith('fc.')}
 
+# %% ../nbs/03_models.ipynb #a5c26ddf
 def load_backbone_weights(backbone:nn.Module, pretrained) -> nn.Module:
     "Load `pretrained` ('imagenet' or a local .pth path) into `backbone`; clear errors on any mismatch."
-    if pretrained == 'imagenet': sd, src = _imagenet_state_dict(backbone.name), "torchvision ImageNet weights"
+    if pretrained == 'imagenet':
+        sd, src = _imagenet_state_dict(backbone.name), "torchvision ImageNet weights"
     else:
         path = Path(pretrained).expanduser()
-        if not path.is_file(): raise FileNotFoundError(f"pretrained weights not found: {path}")
+        if not path.is_file():
+            raise FileNotFoundError(f"pretrained weights not found: {path}")
         sd, src = _backbone_state_dict(torch.load(path, map_location='cpu', weights_only=True)), str(path)
     own = backbone.state_dict()
     missing = [k for k in own if k not in sd]
@@ -119,8 +143,9 @@ def load_backbone_weights(backbone:nn.Module, pretrained) -> nn.Module:
         raise RuntimeError(f"{src} does not fit backbone {backbone.name!r}: {len(missing)} missing keys "
                            f"(first: {missing[:3]}), {len(unexpected)} unexpected keys (first: {unexpected[:3]})")
     bad = [k for k in own if own[k].shape != sd[k].shape]
-    if bad: raise RuntimeError(f"{src} does not fit backbone {backbone.name!r}: shape mismatch for {bad[:3]} "
-                               f"(e.g. {tuple(sd[bad[0]].shape)} vs {tuple(own[bad[0]].shape)})")
+    if bad:
+        raise RuntimeError(f"{src} does not fit backbone {backbone.name!r}: shape mismatch for {bad[:3]} "
+                           f"(e.g. {tuple(sd[bad[0]].shape)} vs {tuple(own[bad[0]].shape)})")
     backbone.load_state_dict(sd)
     return backbone
 
@@ -133,6 +158,7 @@ class AtrousConv2d(nn.Conv2d):
             return F.conv2d(x, self.weight[:, :, 1:2, 1:2], self.bias)
         return super().forward(x)
 
+# %% ../nbs/03_models.ipynb #d0a9ab98
 def _cbr(cin, cout, k=1, d=1):
     "Conv (no bias) → BN → ReLU."
     conv = AtrousConv2d if d > 1 else nn.Conv2d
@@ -153,6 +179,7 @@ class ASPP(nn.Module):
         outs = [b(x) for b in self.branches] + [self.pool(x).expand(-1, -1, h, w)]
         return self.project(torch.cat(outs, 1))
 
+# %% ../nbs/03_models.ipynb #bbae27c3
 class Decoder(nn.Module):
     "DeepLabv3+ decoder: reduce `low`, concat with upsampled ASPP output, two 3×3 conv-BN-ReLU → feats."
     def __init__(self, low_in, aspp_channels=256, low_channels=48, channels=256):
@@ -166,7 +193,7 @@ class Decoder(nn.Module):
 
 # %% ../nbs/03_models.ipynb #795840b6
 class DeepLabV3Plus(nn.Module):
-    "DeepLabv3+ with a torchvision ResNet backbone; `forward(x, return_features=True)` also returns the decoder features."
+    "DeepLabv3+ on a torchvision ResNet; `forward(x, return_features=True)` also returns the decoder features."
     def __init__(self, num_classes:int,
                  backbone:str='resnet50',   # 'tiny', 'resnet18', 'resnet34', 'resnet50' or 'resnet101'
                  output_stride:int=16,      # 8 or 16; ASPP rates 12/24/36 at OS 8, 6/12/18 at OS 16
@@ -176,7 +203,8 @@ class DeepLabV3Plus(nn.Module):
         super().__init__()
         self.num_classes = num_classes
         self.backbone = ResNetBackbone(backbone, output_stride)
-        if pretrained not in (None, '', 'none', 'None'): load_backbone_weights(self.backbone, pretrained)
+        if pretrained not in (None, '', 'none', 'None'):
+            load_backbone_weights(self.backbone, pretrained)
         rates = (6, 12, 18) if output_stride == 16 else (12, 24, 36)
         self.aspp = ASPP(self.backbone.high_channels, aspp_channels, rates, dropout)
         self.decoder = Decoder(self.backbone.low_channels, aspp_channels, low_channels, decoder_channels)
@@ -186,8 +214,11 @@ class DeepLabV3Plus(nn.Module):
             for p in m.modules():
                 if isinstance(p, nn.Conv2d):
                     nn.init.kaiming_normal_(p.weight, mode='fan_in', nonlinearity='relu')
-                    if p.bias is not None: nn.init.zeros_(p.bias)
-                elif isinstance(p, nn.BatchNorm2d): nn.init.ones_(p.weight); nn.init.zeros_(p.bias)
+                    if p.bias is not None:
+                        nn.init.zeros_(p.bias)
+                elif isinstance(p, nn.BatchNorm2d):
+                    nn.init.ones_(p.weight)
+                    nn.init.zeros_(p.bias)
 
     def encode(self, x):
         "Backbone features `(low, high)` at strides 4 and `output_stride`."
@@ -207,25 +238,32 @@ class DeepLabV3Plus(nn.Module):
         logits = self.classify(feats, x.shape[-2:])
         return (logits, feats) if return_features else logits
 
-    def head_modules(self): return [self.aspp, self.decoder, self.classifier]
-    def backbone_parameters(self): return list(self.backbone.parameters())
-    def head_parameters(self): return [p for m in self.head_modules() for p in m.parameters()]
+    def head_modules(self):
+        return [self.aspp, self.decoder, self.classifier]
+    def backbone_parameters(self):
+        return list(self.backbone.parameters())
+    def head_parameters(self):
+        return [p for m in self.head_modules() for p in m.parameters()]
 
 # %% ../nbs/03_models.ipynb #39a090f0
 TINY_HEAD = dict(aspp_channels=64, decoder_channels=64, low_channels=24)
+
 STANDARD_HEAD = dict(aspp_channels=256, decoder_channels=256, low_channels=48)
 
-def build_model(num_classes, # number of classes, or a config with `num_classes`, `backbone`, `output_stride`, `pretrained`
+# %% ../nbs/03_models.ipynb #938896f5
+def build_model(num_classes, # number of classes, or a config with num_classes, backbone, output_stride, pretrained
                 backbone:str='tiny', output_stride:int=8, pretrained=None, **kw) -> DeepLabV3Plus:
     "DeepLabv3+ with head widths chosen for the backbone (`TINY_HEAD` for 'tiny', `STANDARD_HEAD` otherwise)."
     if not isinstance(num_classes, int):
         cfg = num_classes
         get = cfg.get if isinstance(cfg, dict) else (lambda k, d=None: getattr(cfg, k, d))
         num_classes = get('num_classes')
-        if num_classes is None: raise ValueError("config has no num_classes; call build_model(num_classes, ...)")
+        if num_classes is None:
+            raise ValueError("config has no num_classes; call build_model(num_classes, ...)")
         backbone, output_stride = get('backbone', backbone), get('output_stride', output_stride)
         pretrained = get('pretrained', pretrained)
         for k in STANDARD_HEAD:
-            if get(k) is not None: kw.setdefault(k, get(k))
+            if get(k) is not None:
+                kw.setdefault(k, get(k))
     head = TINY_HEAD if backbone == 'tiny' else STANDARD_HEAD
     return DeepLabV3Plus(num_classes, backbone, output_stride, pretrained, **{**head, **kw})

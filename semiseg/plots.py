@@ -6,24 +6,27 @@ Docs: https://semiseg.github.io/semiseg/figures.html.md"""
 
 # %% ../nbs/32_figures.ipynb #94b0856a
 from __future__ import annotations
-import functools, json, math
+import dataclasses, functools, json, math
 from fractions import Fraction
 from pathlib import Path
 import numpy as np
-import matplotlib
 import matplotlib.pyplot as plt
-from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
-from . import experiments as E
+from .core import read_json
+from .data import build_data, colorize, voc_palette
+from .transforms import denormalize
+from .method import get_method, registered
+from .config import TrainConfig
+from . import runs as R
 
 # %% auto #0
 __all__ = ['STYLE', 'METHOD_LABELS', 'DATASET_LABELS', 'IDENTITY_KEYS', 'PAPER_RESULTS', 'PAPER_LAMBDA', 'AGREE_KEYS',
-           'WEIGHT_KEYS', 'method_label', 'method_color', 'as_rows', 'require', 'save_figure', 'config_markdown',
-           'results_markdown', 'label_value', 'label_text', 'paper_rows', 'split_keys', 'series_label',
-           'miou_vs_labels', 'ablation_bars', 'lambda_sensitivity', 'image_miou', 'qualitative_grid',
-           'qualitative_from_runs', 'pick_runs', 'training_curves', 'agreement_curve', 'pseudo_label_quality',
-           'prototype_similarity', 'similarity_grid', 'similarity_from_run', 'pipeline_pseudo_rows', 'render_all',
-           'write_report', 'Viewer', 'viewer']
+           'method_label', 'method_color', 'as_rows', 'require', 'save_figure', 'config_markdown', 'results_markdown',
+           'label_value', 'label_text', 'paper_rows', 'split_keys', 'series_label', 'miou_vs_labels', 'ablation_bars',
+           'lambda_sensitivity', 'image_miou', 'qualitative_grid', 'qualitative_from_runs', 'pick_runs',
+           'training_curves', 'agreement_curve', 'pseudo_label_quality', 'prototype_similarity', 'similarity_grid',
+           'similarity_from_run', 'pipeline_pseudo_rows', 'weight_keys', 'render_all', 'write_report', 'Viewer',
+           'viewer']
 
 # %% ../nbs/32_figures.ipynb #bc94b80d
 STYLE = {"figure.dpi": 110, "savefig.dpi": 200, "font.size": 9, "axes.titlesize": 10, "axes.labelsize": 9,
@@ -31,24 +34,20 @@ STYLE = {"figure.dpi": 110, "savefig.dpi": 200, "font.size": 9, "axes.titlesize"
          "axes.spines.top": False, "axes.spines.right": False, "axes.grid": True, "grid.alpha": 0.3,
          "grid.linewidth": 0.6, "pdf.fonttype": 42, "ps.fonttype": 42}
 
-METHOD_LABELS = {"supervised": "Supervised", "cps": "CPS", "cps_cutmix": "CPS + CutMix", "sps": "SPS",
-                 "sps_cutmix": "SPS + CutMix", "cpc": "CPC", "mt": "Mean Teacher", "cutmix_seg": "CutMix-Seg",
-                 "gct": "GCT", "cct": "CCT", "cct_weak": "CCT + image labels", "ucc": "UCC", "ciscr": "CISC-R", "ciscr_stage1": "CISC-R stage 1", "ciscr_rectify": "CISC-R (rectified)",
-                 "fixmatch": "FixMatch", "self_training": "Self-training", "pseudoseg": "PseudoSeg",
-                 "advsemseg": "AdvSemSeg", "vat": "VAT", "ael": "AEL", "st": "ST", "st++": "ST++", "u2pl": "U2PL"}
-_COLORS = {"supervised": "#7f7f7f", "cps": "#1f77b4", "cps_cutmix": "#0b3d91", "sps": "#9ecae1", "sps_cutmix": "#6baed6",
-           "cpc": "#17becf", "mt": "#ff7f0e", "cutmix_seg": "#d62728", "gct": "#bcbd22", "cct": "#2ca02c",
-           "cct_weak": "#98df8a", "ucc": "#9467bd", "ciscr": "#e377c2", "ciscr_stage1": "#f7b6d2", "ciscr_rectify": "#e377c2", "fixmatch": "#8c564b", "self_training": "#c49c94",
-           "pseudoseg": "#f7b6d2", "advsemseg": "#c7c7c7", "vat": "#dbdb8d"}
+METHOD_LABELS = {"gct": "GCT", "cct_weak": "CCT + image labels", "pseudoseg": "PseudoSeg", "advsemseg": "AdvSemSeg",
+                 "vat": "VAT", "ael": "AEL", "st": "ST", "st++": "ST++", "u2pl": "U2PL"}   # the papers' other methods
+_COLORS = {"gct": "#bcbd22", "cct_weak": "#98df8a", "pseudoseg": "#f7b6d2", "advsemseg": "#c7c7c7", "vat": "#dbdb8d"}
 _EXTRA = ["#393b79", "#637939", "#8c6d31", "#843c39", "#7b4173", "#3182bd", "#e6550d", "#31a354"]
 
 def method_label(m) -> str:
-    "Display name of a method (its registry name if unknown)."
-    return METHOD_LABELS.get(str(m), str(m))
+    "Display name of a method: its registered label, a paper's method's name, or the name itself."
+    info = registered().get(str(m))
+    return info.label if info else METHOD_LABELS.get(str(m), str(m))
 
 def method_color(m, i: int = 0) -> str:
-    "The colour of a method in every figure (known methods fixed, others from a spare cycle)."
-    return _COLORS.get(str(m), _EXTRA[(sum(map(ord, str(m))) + i) % len(_EXTRA)])
+    "The colour of a method in every figure (registered and known methods fixed, others from a spare cycle)."
+    info = registered().get(str(m))
+    return info.color if info else _COLORS.get(str(m), _EXTRA[(sum(map(ord, str(m))) + i) % len(_EXTRA)])
 
 DATASET_LABELS = {"voc": "PASCAL VOC 2012", "cityscapes": "Cityscapes", "synthetic": "embedded benchmark", "folder": "folder dataset"}
 
@@ -65,7 +64,7 @@ def _styled(f):
 
 def as_rows(table) -> list[dict]:
     "A results table as a list of dicts: from a CSV path, a folder of runs, a DataFrame or a list of dicts."
-    if isinstance(table, (str, Path)): return E.load_results(table)
+    if isinstance(table, (str, Path)): return R.load_results(table)
     if hasattr(table, "to_dict"): return table.to_dict("records")
     return [dict(r) for r in table]
 
@@ -93,9 +92,6 @@ IDENTITY_KEYS = ("method", "dataset", "labeled", "labeled_split", "backbone", "i
 
 def config_markdown(config: dict, nproc: int = 1) -> str:
     "A run's configuration as a markdown table: identifying keys, then every key not at its default."
-    import dataclasses
-    from semiseg.train import TrainConfig
-    from semiseg.core import get_method
     defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
     try: defaults.update({f.name: f.default for f in dataclasses.fields(get_method(config.get("method", "supervised")).Options)})
     except ValueError: pass
@@ -285,7 +281,7 @@ def miou_vs_labels(table, kind: str = "line", methods=None, dataset=None, paper=
     if len(kinds) > 1: raise ValueError("miou_vs_labels: the table mixes label fractions and counts; use one kind (e.g. labeled='1/8' or n_labeled)")
     if methods: rows = [r for r in rows if r["method"] in methods]
     _tag_series(rows, ("method", "labeled"), "method")                # runs differing in more than the seed: separate series
-    stats = E.summarize(rows, by=("_series", "labeled"))
+    stats = R.summarize(rows, by=("_series", "labeled"))
     ms = _order(rows, "_series")
     if methods: ms = sorted(ms, key=lambda x: list(methods).index(x.split(", ")[0]))
     pms = [m for m in dict.fromkeys(p["method"] for p in paper)]
@@ -355,7 +351,7 @@ def ablation_bars(table, by: str = "method", value: str = "miou", baseline=None,
     rows = require(table, [by, value], "ablation_bars")
     rows = [r for r in rows if r.get(value) is not None and r.get(by) is not None and r.get("status") in (None, "ok", "cached")]
     _tag_series(rows, (by,), by)
-    stats = {s["_series"]: s for s in E.summarize(rows, by=("_series",), value=value)}
+    stats = {s["_series"]: s for s in R.summarize(rows, by=("_series",), value=value)}
     keys = [k for o in (order or list(stats)) for k in stats if k == str(o) or k.startswith(f"{o}, ")] if order else list(stats)
     if not keys: raise ValueError(f"ablation_bars: no rows with a {value}")
     if baseline is None and by == "method" and "supervised" in stats: baseline = "supervised"
@@ -393,7 +389,7 @@ def lambda_sensitivity(table, param: str = "cps_weight", by: str = "method", val
     ax = axs[0, 0]
     for i, g in enumerate(groups):
         rs = [r for r in rows if g is None or r["_series"] == g]
-        st = sorted(E.summarize(rs, by=(param,), value=value), key=lambda s: float(s[param]))
+        st = sorted(R.summarize(rs, by=(param,), value=value), key=lambda s: float(s[param]))
         xs, mu, sd = np.array([float(s[param]) for s in st]), np.array([s["mean"] for s in st]), np.array([s["std"] for s in st])
         c = method_color(g.split(", ")[0], i) if by == "method" and g is not None else f"C{i}"
         ax.plot(xs, mu, "-o", color=c, ms=4, label=series_label(g, by) if g is not None else None)
@@ -401,7 +397,7 @@ def lambda_sensitivity(table, param: str = "cps_weight", by: str = "method", val
         b = int(np.argmax(mu)); ax.plot(xs[b], mu[b], "*", color=c, ms=11, mec="k", mew=0.5, zorder=4)
         ax.annotate(f"best λ={xs[b]:g}", (xs[b], mu[b]), xytext=(0, 7), textcoords="offset points", ha="center", fontsize=7)
     ax.set_xlabel(f"λ ({param})"); ax.set_ylabel("mIoU (%)" if value == "miou" else value)
-    ax.set_title(title or f"λ sensitivity (ours) — {_seed_note(E.summarize(rows, by=(param, '_series'), value=value))}")
+    ax.set_title(title or f"λ sensitivity (ours) — {_seed_note(R.summarize(rows, by=(param, '_series'), value=value))}")
     if groups != [None]: ax.legend()
     if paper:
         pax = axs[0, 1]
@@ -425,7 +421,6 @@ def image_miou(pred, gt, ignore: int = 255) -> float:
 @_styled
 def qualitative_grid(images, gts, preds: dict, palette=None, class_names=None, ids=None, scores: bool = True, cell: float = 1.55):
     "Grid of image / ground truth / one prediction per entry of `preds` ({label: masks}), masks in `palette`'s colours."
-    from semiseg.data import colorize, voc_palette
     n = len(images)
     if len(gts) != n or any(len(p) != n for p in preds.values()):
         raise ValueError(f"qualitative_grid: {n} images but {len(gts)} ground truths and {[len(p) for p in preds.values()]} predictions")
@@ -465,12 +460,12 @@ def qualitative_from_runs(runs, n: int = 4, indices=None, device: str = "cpu"):
     "Predict the same validation images with several runs ({label: run_dir}) and draw them side by side."
     runs = _run_map(runs)
     first = next(iter(runs.values()))
-    cfgs = {k: E.run_config(v)[0] for k, v in runs.items()}
+    cfgs = {k: R.run_config(v)[0] for k, v in runs.items()}
     if len({(c.dataset, c.val_split) for c in cfgs.values()}) > 1:
         raise ValueError(f"qualitative_from_runs: the runs evaluate different datasets/splits: {sorted({(c.dataset, c.val_split) for c in cfgs.values()})}")
-    ds = E.val_dataset(cfgs[next(iter(runs))])
-    base = E.predict_run(first, indices=indices, n=n, dataset=ds, device=device)
-    preds = {k: (base if v == first else E.predict_run(v, indices=indices, n=n, dataset=ds, device=device))["preds"] for k, v in runs.items()}
+    ds = build_data(cfgs[next(iter(runs))]).val
+    base = R.predict_run(first, indices=indices, n=n, dataset=ds, device=device)
+    preds = {k: (base if v == first else R.predict_run(v, indices=indices, n=n, dataset=ds, device=device))["preds"] for k, v in runs.items()}
     return qualitative_grid(base["images"], base["gts"], preds, palette=base["palette"], class_names=base["class_names"], ids=base["ids"])
 
 def pick_runs(table, labeled=None, seed=None, methods=None) -> dict:
@@ -482,7 +477,7 @@ def pick_runs(table, labeled=None, seed=None, methods=None) -> dict:
     out = {}
     for m in _order(rows, "method", methods):
         rs = sorted((r for r in rows if r["method"] == m and (seed is None or r.get("seed") == seed)), key=lambda r: r.get("seed") or 0)
-        if rs and (E.model_dir(rs[0]["out_dir"]) / "ckpt" / "last.pt").is_file(): out[method_label(m)] = str(E.model_dir(rs[0]["out_dir"]))
+        if rs and (R.model_dir(rs[0]["out_dir"]) / "ckpt" / "last.pt").is_file(): out[method_label(m)] = str(R.model_dir(rs[0]["out_dir"]))
     return out
 
 # %% ../nbs/32_figures.ipynb #6c91f46d
@@ -520,7 +515,7 @@ def training_curves(runs, title=None):
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(8.4, 3.0))
     single = len(groups) == 1 and len(next(iter(groups.values()))) == 1
     for i, (lab, dirs) in enumerate(groups.items()):
-        recs = [E.read_metrics(d) for d in dirs]
+        recs = [R.read_metrics(d) for d in dirs]
         if not any(recs): raise ValueError(f"training_curves: no metrics.jsonl records in {[str(d) for d in dirs]}")
         c = f"C{i}"
         _band(a1, [_series(r, "loss") for r in recs], c, f"{lab}: total" if single else lab)
@@ -546,7 +541,7 @@ def agreement_curve(runs, keys=tuple(AGREE_KEYS), title=None):
     if not groups: raise ValueError("agreement_curve: no runs given")
     fig, axs = plt.subplots(1, len(groups), figsize=(4.2 * len(groups), 3.0), squeeze=False, sharey=True)
     for ax, (lab, dirs) in zip(axs[0], groups.items()):
-        recs = [E.read_metrics(d) for d in dirs]
+        recs = [R.read_metrics(d) for d in dirs]
         found = [k for k in keys if any(k in r for rs in recs for r in rs)]
         if not found:
             raise ValueError(f"agreement_curve needs the metrics.jsonl key(s) {', '.join(keys)} (logged by CPS-family methods); "
@@ -572,7 +567,7 @@ def pseudo_label_quality(table, by: str = "method", hue: str = "subset", value: 
     _tag_series(rows, (by, hue), by)
     by_key = by
     by = "_series"
-    st = E.summarize(rows, by=(by, hue), value=value)
+    st = R.summarize(rows, by=(by, hue), value=value)
     gs, hs = _order(rows, by, order), _order(rows, hue, hue_order)
     fig, ax = plt.subplots(figsize=(2.6 + 1.3 * len(gs) * max(1, len(hs) / 2), 3.2))
     w = 0.8 / len(hs)
@@ -637,9 +632,9 @@ def similarity_grid(query_image, query_mask, cls: int, target_images, sims, clas
 def similarity_from_run(run_dir, cls: int | None = None, n: int = 4, device: str = "cpu"):
     "Similarity maps of a run's network: query = the validation image with the most pixels of `cls` (default: the most frequent foreground class), targets = the next `n` images."
     import torch
-    cfg, _ = E.run_config(run_dir)
-    ds = E.val_dataset(cfg)
-    model = E.load_run_model(run_dir, device=device)
+    cfg, _ = R.run_config(run_dir)
+    ds = build_data(cfg).val
+    model = R.load_run(run_dir, device=device).eval_model()
     m = min(len(ds), 4 * n + 8)
     masks = [np.asarray(ds[i]["mask"].as_subclass(torch.Tensor)) for i in range(m)]
     if cls is None:
@@ -647,29 +642,26 @@ def similarity_from_run(run_dir, cls: int | None = None, n: int = 4, device: str
         cls = max((c for c in counts if counts[c]), key=lambda c: counts[c], default=0)
     q = int(np.argmax([(mk == cls).sum() for mk in masks]))
     tg = [i for i in range(m) if i != q][:n]
-    p = E.predict_run(run_dir, indices=[q, *tg], model=model, dataset=ds)
+    p = R.predict_run(run_dir, indices=[q, *tg], model=model, dataset=ds)
     xs = torch.stack([ds[i]["image"].as_subclass(torch.Tensor) for i in [q, *tg]])
     sims = prototype_similarity(model, xs[0], torch.as_tensor(masks[q]), cls, xs[1:])
     return similarity_grid(p["images"][0], masks[q], cls, p["images"][1:], sims.numpy(), class_name=ds.class_names[cls], target_masks=p["gts"][1:])
 
 # %% ../nbs/32_figures.ipynb #0b8baafa
 def pipeline_pseudo_rows(table) -> list[dict]:
-    "Pseudo-label mIoU of every finished pipeline run in the table (`<out_dir>/<method>.json`): rows of method, stage, pl_miou, labeled, seed, run."
+    "Pseudo-label mIoU of every finished pipeline run in the table (its results' `pseudo_quality`): rows of method, stage, pl_miou, labeled, seed, run."
     out = []
     for r in _ok(as_rows(table)):
-        if r.get("method") not in E.PIPELINES or not r.get("out_dir"): continue
-        q = (E._read_json(Path(r["out_dir"]) / f"{r['method']}.json") or {}).get("pseudo") or {}
-        if isinstance(q, dict):                                       # CISC-R: named subsets
-            from semiseg.methods.ciscr import PSEUDO_BARS
-            names = dict(PSEUDO_BARS)
-            pairs = [(names.get(k, k), v) for k, v in q.items()]
-        else: pairs = [(f"round {x.get('round', i + 1)}", x.get("miou")) for i, x in enumerate(q)]   # self-training: rounds
-        out += [dict(run=r.get("run"), method=r["method"], labeled=r.get("labeled"), seed=r.get("seed"), stage=st, pl_miou=v)
-                for st, v in pairs if v is not None]
+        if not r.get("out_dir"): continue
+        res = read_json(Path(r["out_dir"]) / "results.json", None) or {}
+        out += [dict(run=r.get("run"), method=r["method"], labeled=r.get("labeled"), seed=r.get("seed"), stage=q["subset"],
+                     pl_miou=q["pl_miou"]) for q in (res.get("pipeline") or {}).get("pseudo_quality", [])]
     return out
 
 # %% ../nbs/32_figures.ipynb #b764cabd
-WEIGHT_KEYS = ("cps_weight", "cpc_weight", "mt_weight", "cons_weight", "unsup_weight", "cct_weight", "ucc_weight", "cisc_weight", "lambda_u")
+def weight_keys() -> list[str]:
+    "The options that weigh an unsupervised loss, as the registered methods declare them (in their order)."
+    return list(dict.fromkeys(info.weight for info in registered().values() if info.weight))
 
 def _try(done, skipped, name, out_dir, make):
     try:
@@ -694,11 +686,11 @@ def render_all(table, out_dir, paper: bool = True, device: str = "cpu") -> tuple
         for r in ok:
             if _cfg(r).get(k) is not None: vals.setdefault(r.get("method"), set()).add(json.dumps(_cfg(r)[k]))
         return any(len(v) > 1 for v in vals.values())
-    wk = [k for k in WEIGHT_KEYS if swept(k)]
+    wk = [k for k in weight_keys() if swept(k)]
     if wk: _try(done, skipped, f"lambda_{wk[0]}", out_dir, lambda: lambda_sensitivity(rows, param=wk[0]))
-    else: skipped["lambda"] = "no swept loss weight (" + ", ".join(WEIGHT_KEYS[:3]) + ", ...)"
+    else: skipped["lambda"] = "no swept loss weight (" + ", ".join(weight_keys()[:3]) + ", ...)"
     agree = [r for r in rows if r.get("status") in (None, "ok", "cached") and r.get("out_dir")
-             and any("agree_l" in m or "agree_u" in m for m in E.read_metrics(r["out_dir"])[:50])]
+             and any("agree_l" in m or "agree_u" in m for m in R.read_metrics(r["out_dir"])[:50])]
     if agree: _try(done, skipped, "agreement", out_dir, lambda: agreement_curve(agree))
     else: skipped["agreement"] = "no CPS-family run with agree_* records"
     plq = [r for r in rows if r.get("pl_miou") is not None]
@@ -710,8 +702,8 @@ def render_all(table, out_dir, paper: bool = True, device: str = "cpu") -> tuple
     except ValueError as e: picked, skipped["qualitative"] = {}, str(e)
     if picked:
         _try(done, skipped, "qualitative", out_dir, lambda: qualitative_from_runs(picked, n=5, device=device))
-        for r in sorted((r for r in ok if r.get("out_dir") and str(E.model_dir(r["out_dir"])) in picked.values()), key=lambda r: -r["miou"]):
-            _try(done, skipped, "similarity", out_dir, lambda: similarity_from_run(E.model_dir(r["out_dir"]), device=device))
+        for r in sorted((r for r in ok if r.get("out_dir") and str(R.model_dir(r["out_dir"])) in picked.values()), key=lambda r: -r["miou"]):
+            _try(done, skipped, "similarity", out_dir, lambda: similarity_from_run(R.model_dir(r["out_dir"]), device=device))
             if "similarity" in done: skipped.pop("similarity", None); break      # the best run whose network exposes features
         _try(done, skipped, "training_curves", out_dir, lambda: training_curves(picked))
     elif "qualitative" not in skipped: skipped["qualitative"] = "no run with a checkpoint"
@@ -735,9 +727,9 @@ def write_report(table, out_dir, figures: dict | None = None, title: str = "semi
     out_dir = Path(out_dir); out_dir.mkdir(parents=True, exist_ok=True)
     ok = [r for r in ok if r.get("method") is not None and r.get("labeled") is not None]
     _tag_series(ok, ("method", "labeled"), "method")
-    st = E.summarize(ok, by=("_series", "labeled"))
+    st = R.summarize(ok, by=("_series", "labeled"))
     for x in st: x["method"] = x["_series"].split(", ")[0]
-    wall = {(s["_series"], s["labeled"]): s for s in E.summarize(ok, by=("_series", "labeled"), value="wall_s")}
+    wall = {(s["_series"], s["labeled"]): s for s in R.summarize(ok, by=("_series", "labeled"), value="wall_s")}
     iters = {(r["_series"], r["labeled"]): _iters_text(r) for r in ok}
     sup = {s["labeled"]: s for s in st if s["_series"] == "supervised"}
     ds = sorted({DATASET_LABELS.get(str(r.get("dataset")), str(r.get("dataset"))) for r in rows if r.get("dataset")})
@@ -771,15 +763,15 @@ class Viewer:
     "Browse validation images with ground truth and several runs' predictions (ipywidgets)."
     def __init__(self, runs, dataset=None, device: str = "cpu"):
         self.runs = _run_map(runs)
-        self.cfg = E.run_config(next(iter(self.runs.values())))[0]
-        self.ds = dataset if dataset is not None else E.val_dataset(self.cfg)
-        self.names, self.palette, self.device = list(self.ds.class_names), E.palette_for(self.cfg), device
+        self.cfg = R.run_config(next(iter(self.runs.values())))[0]
+        data = build_data(self.cfg)
+        self.ds = dataset if dataset is not None else data.val
+        self.names, self.palette, self.device = list(self.ds.class_names), data.spec.display_palette, device
         self._models, self._preds, self._masks = {}, {}, {}
         self._widget = None
 
     def _sample(self, i):
         import torch
-        from semiseg.transforms import denormalize
         s = self.ds[i]
         img = (denormalize(s["image"].as_subclass(torch.Tensor)).clamp(0, 1).permute(1, 2, 0).numpy() * 255).astype(np.uint8)
         return s["id"], img, np.asarray(s["mask"].as_subclass(torch.Tensor)).astype(np.uint8)
@@ -793,8 +785,8 @@ class Viewer:
                 from PIL import Image
                 self._preds[label, i] = np.asarray(Image.open(f))
             else:
-                if label not in self._models: self._models[label] = E.load_run_model(d, device=self.device)
-                self._preds[label, i] = E.predict_run(d, indices=[i], model=self._models[label], dataset=self.ds)["preds"][0]
+                if label not in self._models: self._models[label] = R.load_run(d, device=self.device).eval_model()
+                self._preds[label, i] = R.predict_run(d, indices=[i], model=self._models[label], dataset=self.ds)["preds"][0]
         return self._preds[label, i]
 
     def indices(self, classes=()) -> list[int]:
@@ -809,7 +801,6 @@ class Viewer:
 
     def overlay(self, img, mask, classes=(), alpha: float = 0.6):
         "The image with `mask` coloured over it (only `classes` if given; ignore pixels left bare)."
-        from semiseg.data import colorize
         keep = mask != 255
         if classes: keep &= np.isin(mask, [self.names.index(c) if isinstance(c, str) else c for c in classes])
         out = img.astype(np.float32).copy()

@@ -1,4 +1,4 @@
-"""The training loop every method shares: configuration, data, SGD with poly LR, AMP, DDP under torchrun, checkpoints that resume exactly, evaluation and the run directory — plus the supervised baseline, the first method.
+"""The loop every method trains with: AMP, DDP, exact resume, evaluation, run directories, pipelines, `semiseg-train`.
 
 Docs: https://semiseg.github.io/semiseg/train.html.md"""
 
@@ -6,236 +6,48 @@ Docs: https://semiseg.github.io/semiseg/train.html.md"""
 
 # %% ../nbs/12_train.ipynb #04a2504f
 from __future__ import annotations
-import contextlib, dataclasses, json, math, os, platform, signal, socket, subprocess, sys, threading, time
-from dataclasses import dataclass, field, asdict
+import contextlib
+import dataclasses
+import json
+import os
+import platform
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.distributed as dist
+import torchvision
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Sampler, Subset
-import yaml
 from tqdm import tqdm
-from .core import (IGNORE_INDEX, seed_everything, all_reduce_sum, get_device, init_distributed, register_method, get_method,
-                          nearest, atomic_save, load_checkpoint, load_weights, METHODS, load_methods)
-from . import data as D
-from .transforms import train_transform, eval_transform
-from .models import build_model
-from .losses import ce_loss, OhemCE
+from .core import (DistInfo, seed_everything, all_reduce_sum, get_device, init_distributed, nearest, atomic_save,
+                          load_checkpoint, load_weights, read_json, write_json)
+from .data import Data, build_data, collate
 from .metrics import evaluate
+from .method import Method, get_method, method_info
+from .config import TrainConfig, make_config, config_dict, full_config, parse_args, usage
+from .runs import config_diff
+from .check import check_dataset
 
 # %% auto #0
-__all__ = ['TrainConfig', 'make_config', 'config_dict', 'parse_args', 'Method', 'Supervised', 'Data', 'dataset_items',
-           'split_ids', 'build_data', 'InfiniteSampler', 'Seeded', 'collate', 'stream', 'base_lr', 'make_optimizer',
-           'set_poly_lr', 'env_info', 'write_json', 'stop_requests', 'train', 'usage', 'main']
-
-# %% ../nbs/12_train.ipynb #963984e8
-@dataclass
-class TrainConfig:
-    "Generic training options (each method adds its own `Options`)."
-    method: str = "supervised"        # a registered method: semiseg.core.METHODS
-    dataset: str = "synthetic"        # synthetic | voc | cityscapes | folder
-    data_root: str | None = None      # dataset root; synthetic: a generated benchmark, or the cache dir to generate into
-    train_split: str = "train"        # split name or split-file path of the training pool
-    val_split: str = "val"            # split name or split-file path for evaluation
-    labeled: str | float | int = "1/16"  # labeled share of the pool: fraction ('1/16', 0.125) or count (92)
-    labeled_split: str | None = None  # a published split file of labeled ids (overrides `labeled`)
-    unlabeled_split: str | None = None  # its unlabeled list (default: the rest of the pool)
-    split_seed: int = 0               # seed of the labeled/unlabeled partition (fixed across training seeds)
-    pseudo_labels: str | None = None  # folder of <id>.png pseudo labels: the unlabeled images join the labeled set with them
-    check_data: bool = True           # scan every image and mask for problems before training (semiseg-check-data)
-    skip_nonfinite: bool = False      # skip steps whose loss is nan/inf (counted as 'skipped' in the log) instead of stopping
-    backbone: str = "tiny"            # tiny | resnet18 | resnet50 | resnet101
-    output_stride: int = 8            # 8 or 16
-    pretrained: str | None = None     # None | 'imagenet' | path to a backbone .pth
-    crop: int = 64                    # training crop size
-    scale: list | None = None         # random scale: [lo, hi] range, a set of 1 or 3+ factors, or none (see below)
-    batch_size: int = 8               # labeled images per iteration, summed over all processes
-    batch_size_u: int = 8             # unlabeled images per iteration and stream, summed over all processes
-    iters: int = 2000                 # training iterations
-    optimizer: str = "adamw"          # adamw (from-scratch CPU runs) | sgd (the papers, with pretrained backbones)
-    lr: float = 0.002                 # base learning rate (backbone); poly-decayed per iteration
-    lr_ref_batch: int | None = None   # linear scaling: lr * batch_size / lr_ref_batch
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    head_lr_mult: float = 1.0         # LR multiplier of the non-backbone parameters (CISC-R: 10)
-    poly_power: float = 0.9
-    ohem: bool = False                # OHEM cross-entropy for the supervised loss
-    ohem_thresh: float = 0.7
-    ohem_min_kept: int = 100_000      # per process
-    amp: str = "auto"                 # auto (fp16 on CUDA, off on CPU) | fp16 | bf16 | off
-    channels_last: bool = False
-    sync_bn: bool = True              # SyncBatchNorm under DDP on CUDA
-    device: str = "auto"              # auto | cpu | cuda | cuda:1
-    workers: int = 2                  # data-loading processes per training process
-    eval_every: int = 0               # evaluate every N iterations (0: at the end only)
-    eval_protocol: str = "whole"      # whole | slide | msf
-    eval_crop: int | None = None      # window size for eval_protocol=slide
-    eval_batch_size: int = 0          # 0: 16 for fixed-size images (synthetic), else 1
-    ckpt_every: int = 500             # write ckpt/last.pt every N iterations
-    log_every: int = 50
-    seed: int = 0
-    out_dir: str | None = None        # default: runs/<method>-<dataset>-<labeled>-s<seed>
-    resume: bool = True               # continue from out_dir/ckpt/last.pt when it exists
-
-    def run_name(self) -> str:
-        return f"{self.method}-{self.dataset}-{str(self.labeled).replace('/', 'of')}-s{self.seed}"
-
-# %% ../nbs/12_train.ipynb #097ef5f0
-_NUMERIC = {"int": int, "float": float}
-
-def _coerce(name, value, tp):
-    if value is None or not isinstance(tp, str): return value
-    base = tp.replace(" ", "").split("|")
-    if isinstance(value, bool) and "bool" not in base: raise ValueError(f"{name}={value!r}: expected {tp}")
-    if "bool" in base and not isinstance(value, bool):
-        raise ValueError(f"{name}={value!r}: expected true or false")
-    for t in ("int", "float"):
-        if base == [t] or base == [t, "None"]:
-            if isinstance(value, str): raise ValueError(f"{name}={value!r}: expected a number ({tp})")
-            return _NUMERIC[t](value) if t == "float" or float(value).is_integer() else value
-    return value
-
-def make_config(d: dict | None = None, **kw):
-    "Split flat options into (TrainConfig, method Options), validating names and types."
-    d = {**(d or {}), **kw}
-    method_cls = get_method(d.get("method", TrainConfig.method))
-    gen = {f.name: f for f in dataclasses.fields(TrainConfig)}
-    opt = {f.name: f for f in dataclasses.fields(method_cls.Options)}
-    unknown = [k for k in d if k not in gen and k not in opt]
-    if unknown:
-        k = unknown[0]
-        raise ValueError(f"unknown option '{k}' for method={method_cls.name}: {nearest(k, [*gen, *opt])}")
-    cfg = TrainConfig(**{k: _coerce(k, v, gen[k].type) for k, v in d.items() if k in gen})
-    opts = method_cls.Options(**{k: _coerce(k, v, opt[k].type) for k, v in d.items() if k in opt})
-    return cfg, opts
-
-def config_dict(cfg: TrainConfig, opts) -> dict:
-    "The flat dictionary `make_config` accepts: what config.json stores."
-    return {**asdict(cfg), **asdict(opts)}
-
-def parse_args(argv: list[str]) -> dict:
-    "Config files (.yaml/.yml/.json, applied in order) and key=value overrides, into one flat dict."
-    d = {}
-    for a in argv:
-        if "=" in a:
-            k, v = a.split("=", 1)
-            d[k.strip()] = yaml.safe_load(v) if v.strip() else None
-        else:
-            p = Path(a)
-            if not p.exists(): raise FileNotFoundError(f"config file not found: {p} (arguments are config files or key=value)")
-            loaded = yaml.safe_load(p.read_text()) or {}
-            if not isinstance(loaded, dict): raise ValueError(f"{p}: a config file must hold a mapping of option: value")
-            d.update(loaded)
-    return d
-
-# %% ../nbs/12_train.ipynb #c0664033
-class Method(nn.Module):
-    "Base class: owns the networks, turns batches into named losses. Subclasses set `Options` and `needs_unlabeled`."
-    needs_unlabeled: int = 0          # independent unlabeled batches per step (CutMix: 2); may be set per instance from options
-    find_unused_parameters = False    # for DDP, when some parameters skip the loss in some steps
-
-    @dataclass
-    class Options: pass
-
-    def __init__(self, cfg: TrainConfig, opts, num_classes: int):
-        super().__init__()
-        self.cfg, self.opts, self.num_classes = cfg, opts, num_classes
-        self.criterion = (OhemCE(cfg.ohem_thresh, cfg.ohem_min_kept) if cfg.ohem else ce_loss)
-
-    def make_net(self) -> nn.Module:
-        "A fresh segmentation network as the config describes it."
-        c = self.cfg
-        return build_model(self.num_classes, backbone=c.backbone, output_stride=c.output_stride, pretrained=c.pretrained)
-
-    def sup_loss(self, logits, mask): return self.criterion(logits, mask)
-    def forward(self, labeled: dict, unlabeled: list | None, it: int) -> dict: raise NotImplementedError
-    def eval_model(self) -> nn.Module: raise NotImplementedError
-    def after_step(self, it: int): pass
-    def unlabeled_count(self, data) -> int:
-        "Unlabeled images the method trains on, for results.json (a method with its own unlabeled stream overrides it)."
-        return len(data.unlabeled) if self.needs_unlabeled and data.unlabeled is not None else 0
-
-    def param_groups(self, lr: float, head_lr_mult: float) -> list[dict]:
-        "Backbone parameters at `lr`, all others at `lr * head_lr_mult`."
-        named = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
-        bb = [p for n, p in named if ".backbone." in f".{n}"]
-        head = [p for n, p in named if ".backbone." not in f".{n}"]
-        return [g for g in (dict(params=bb, lr=lr), dict(params=head, lr=lr * head_lr_mult)) if g["params"]]
-
-@register_method("supervised")
-class Supervised(Method):
-    "The baseline: one network, labeled data only."
-    def __init__(self, cfg, opts, num_classes):
-        super().__init__(cfg, opts, num_classes)
-        self.net = self.make_net()
-    def forward(self, labeled, unlabeled, it):
-        return {"loss_sup": self.sup_loss(self.net(labeled["image"]), labeled["mask"])}
-    def eval_model(self): return self.net
-
-# %% ../nbs/12_train.ipynb #567db23f
-@dataclass
-class Data:
-    labeled: torch.utils.data.Dataset
-    unlabeled: torch.utils.data.Dataset | None
-    val: torch.utils.data.Dataset
-    num_classes: int
-    class_names: list
-    fixed_size: bool                  # all images share one size (batched evaluation possible)
-    root: Path
-
-def dataset_items(cfg: TrainConfig, split: str):
-    "(items, num_classes, class_names, label_map, fixed_size, root) of one split of the configured dataset."
-    if cfg.dataset == "synthetic":
-        given = Path(cfg.data_root) if cfg.data_root else None
-        root = given if given and (given / "ImageSets").is_dir() else D.make_synthetic(given)
-        return D.voc_items(root, split), len(D.SYNTHETIC_CLASSES), list(D.SYNTHETIC_CLASSES), None, True, root
-    if cfg.data_root is None: raise ValueError(f"dataset={cfg.dataset} needs data_root=<path to the dataset>")
-    root = Path(cfg.data_root).expanduser()
-    if cfg.dataset == "voc": return D.voc_items(root, split), 21, list(D.VOC_CLASSES), None, False, root
-    if cfg.dataset == "cityscapes":
-        return D.cityscapes_items(root, split), 19, list(D.CITYSCAPES_CLASSES), D.CITYSCAPES_LABEL_TO_TRAIN, False, root
-    if cfg.dataset == "folder":
-        names = D.read_classes(root)[0]
-        return D.folder_items(root, split), len(names), list(names), None, False, root
-    raise ValueError(f"unknown dataset '{cfg.dataset}': {nearest(cfg.dataset, ['synthetic', 'voc', 'cityscapes', 'folder'])}")
-
-def split_ids(cfg: TrainConfig, pool_ids: list[str]):
-    "Labeled and unlabeled ids of the training pool: from split files, or a seeded partition."
-    if cfg.labeled_split:
-        lab = D.read_split(cfg.labeled_split)
-        known = set(pool_ids)
-        missing = [i for i in lab if i not in known]
-        if missing: raise ValueError(f"{cfg.labeled_split}: {len(missing)} ids are not in train_split={cfg.train_split}, e.g. '{missing[0]}'")
-        unl = D.read_split(cfg.unlabeled_split) if cfg.unlabeled_split else [i for i in pool_ids if i not in set(lab)]
-        return lab, unl
-    return D.partition(pool_ids, cfg.labeled, seed=cfg.split_seed)
-
-def build_data(cfg: TrainConfig) -> Data:
-    "Datasets for a run: labeled (augmented), unlabeled (augmented, GT hidden), val (full size)."
-    items, nc, names, lmap, fixed, root = dataset_items(cfg, cfg.train_split)
-    by_id = {it[0]: it for it in items}
-    lab, unl = split_ids(cfg, list(by_id))
-    tt = train_transform(cfg.crop, cfg.scale)
-    pal = D.read_classes(root)[1] if cfg.dataset == "folder" else None    # decodes a folder dataset's colour masks
-    def ds(ids, tfm): return D.SegDataset([by_id[i] for i in ids], transform=tfm, label_map=lmap, class_names=names, palette=pal)
-    labeled = ds(lab, tt)
-    if cfg.pseudo_labels:  # pseudo labels are class indices already: no label_map
-        pdir = Path(cfg.pseudo_labels)
-        missing = [i for i in unl if not (pdir / f"{i}.png").is_file()]
-        if missing: raise FileNotFoundError(f"pseudo_labels={pdir}: no pseudo label for {len(missing)} unlabeled images, e.g. {pdir / (missing[0] + '.png')}")
-        pseudo = D.SegDataset([(i, by_id[i][1], pdir / f"{i}.png") for i in unl], transform=tt, class_names=names)
-        labeled = torch.utils.data.ConcatDataset([labeled, pseudo])
-    val_items = dataset_items(cfg, cfg.val_split)[0]
-    return Data(labeled, ds(unl, tt) if unl else None,
-                D.SegDataset(val_items, transform=eval_transform(), label_map=lmap, class_names=names, palette=pal), nc, names, fixed, root)
+__all__ = ['InfiniteSampler', 'Seeded', 'stream', 'base_lr', 'make_optimizer', 'set_poly_lr', 'env_info', 'stop_requests', 'Run',
+           'setup', 'save', 'resume', 'distribute', 'open_run_dir', 'make_streams', 'train_step', 'Meter', 'log_step',
+           'val_loader', 'evaluate_now', 'eval_step', 'train', 'run_stage', 'run', 'main']
 
 # %% ../nbs/12_train.ipynb #14a7d5e7
 class InfiniteSampler(Sampler):
     "Endless seeded permutations of range(n), this rank's share, yielding (index, sample_seed) from position `start`."
     def __init__(self, n: int, seed: int, rank: int = 0, world_size: int = 1, start: int = 0):
-        if n == 0: raise ValueError("cannot sample from an empty dataset")
+        if n == 0:
+            raise ValueError("cannot sample from an empty dataset")
         self.n, self.seed, self.rank, self.world, self.start = n, seed, rank, world_size, start
+
     def __iter__(self):
         per_epoch, pos = len(range(self.rank, self.n, self.world)), self.start
         while True:
@@ -245,21 +57,22 @@ class InfiniteSampler(Sampler):
                 yield i, (self.seed * 1_000_003 + pos * self.world + self.rank) % 2**62
                 pos += 1
 
+# %% ../nbs/12_train.ipynb #afa3f32d
 class Seeded(torch.utils.data.Dataset):
     "Fetch `ds[index]` with torch's RNG seeded per sample, leaving the caller's RNG untouched."
-    def __init__(self, ds): self.ds = ds
-    def __len__(self): return len(self.ds)
+    def __init__(self, ds):
+        self.ds = ds
+
+    def __len__(self):
+        return len(self.ds)
+
     def __getitem__(self, key):
         i, seed = key
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             return self.ds[i]
 
-def collate(samples: list[dict]) -> dict:
-    "Stack images and masks (as plain tensors); keep ids as a list."
-    return dict(image=torch.stack([s["image"].as_subclass(torch.Tensor) for s in samples]),
-                mask=torch.stack([s["mask"].as_subclass(torch.Tensor) for s in samples]), id=[s["id"] for s in samples])
-
+# %% ../nbs/12_train.ipynb #902f3263
 def stream(ds, batch: int, seed: int, rank: int = 0, world_size: int = 1, start_iter: int = 0,
            workers: int = 2, pin: bool = False):
     "An endless iterator of batches from `ds`, positioned at iteration `start_iter`."
@@ -274,15 +87,23 @@ def base_lr(cfg: TrainConfig) -> float:
     "The learning rate after the explicit linear scaling rule (if `lr_ref_batch` is set)."
     return cfg.lr * cfg.batch_size / cfg.lr_ref_batch if cfg.lr_ref_batch else cfg.lr
 
+# %% ../nbs/12_train.ipynb #4c062c6a
 def make_optimizer(cfg: TrainConfig, groups: list[dict]) -> torch.optim.Optimizer:
-    for g in groups: g["initial_lr"] = g["lr"]
-    if cfg.optimizer == "sgd": return torch.optim.SGD(groups, lr=base_lr(cfg), momentum=cfg.momentum, weight_decay=cfg.weight_decay, fused=True)
-    if cfg.optimizer == "adamw": return torch.optim.AdamW(groups, lr=base_lr(cfg), weight_decay=cfg.weight_decay, fused=True)
+    "The configured optimiser (fused kernels) over parameter `groups`, each group's rate kept as `initial_lr`."
+    for g in groups:
+        g["initial_lr"] = g["lr"]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=base_lr(cfg), momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                               fused=True)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=base_lr(cfg), weight_decay=cfg.weight_decay, fused=True)
     raise ValueError(f"unknown optimizer '{cfg.optimizer}': {nearest(cfg.optimizer, ['sgd', 'adamw'])}")
 
+# %% ../nbs/12_train.ipynb #bbee34ad
 def set_poly_lr(opt: torch.optim.Optimizer, it: int, iters: int, power: float = 0.9):
     "Poly decay of every group's `initial_lr` at iteration `it` of `iters`."
-    for g in opt.param_groups: g["lr"] = g["initial_lr"] * (1 - it / iters) ** power
+    for g in opt.param_groups:
+        g["lr"] = g["initial_lr"] * (1 - it / iters) ** power
 
 # %% ../nbs/12_train.ipynb #b5159321
 def env_info(device: torch.device, world_size: int) -> dict:
@@ -290,197 +111,399 @@ def env_info(device: torch.device, world_size: int) -> dict:
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
                                 text=True, timeout=5).stdout.strip() or None
-    except Exception: commit = None
-    import torchvision
+    except Exception:
+        commit = None
     return dict(python=platform.python_version(), torch=torch.__version__, torchvision=torchvision.__version__,
                 cuda=torch.version.cuda, device=str(device), world_size=world_size, host=socket.gethostname(),
                 gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else None,
                 git_commit=commit, argv=sys.argv, time=time.strftime("%Y-%m-%d %H:%M:%S"))
-
-def write_json(path: Path, obj):
-    "Write JSON atomically (temp file + rename)."
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, default=str)); os.replace(tmp, path)
 
 # %% ../nbs/12_train.ipynb #a2c4afe4
 @contextlib.contextmanager
 def stop_requests(signals=(signal.SIGTERM, signal.SIGINT)):
     "Within the block, the signals set `flag['signal']` instead of killing the process."
     flag = {"signal": None}
-    if threading.current_thread() is not threading.main_thread(): yield flag; return
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
     old = {s: signal.signal(s, lambda signum, frame: flag.update(signal=signum)) for s in signals}
-    try: yield flag
+    try:
+        yield flag
     finally:
-        for s, h in old.items(): signal.signal(s, h)
+        for s, h in old.items():
+            signal.signal(s, h)
 
-# %% ../nbs/12_train.ipynb #4c80f3a0
+# %% ../nbs/12_train.ipynb #b78e52fc
+@dataclass
+class Run:
+    "Everything one training run holds while it trains."
+    cfg: TrainConfig
+    opts: object                       # the method's options
+    info: DistInfo
+    device: torch.device
+    out: Path                          # the run directory
+    data: Data
+    method: Method                     # what checkpoints hold
+    model: nn.Module                   # the method, wrapped in DDP when distributed: what the loop calls
+    unlabeled: list                    # the datasets of the method's unlabeled streams
+    opt: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    amp_dtype: torch.dtype | None
+    start: int = 0                     # the first iteration to train (after the one a checkpoint holds)
+    best: float = -1.0                 # the best evaluated mIoU so far
+    log: object = field(default=None, repr=False)   # metrics.jsonl, open for appending (rank 0)
+
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.out / "ckpt"
+
+# %% ../nbs/12_train.ipynb #481c9d5c
 def _amp_dtype(cfg: TrainConfig, device: torch.device):
+    "The autocast dtype of `cfg.amp` on `device` (None: full precision)."
     a = "fp16" if cfg.amp == "auto" and device.type == "cuda" else ("off" if cfg.amp == "auto" else cfg.amp)
     return {"off": None, "fp16": torch.float16, "bf16": torch.bfloat16}[a]
 
-def _to(batch: dict, device, channels_last: bool) -> dict:
-    out = {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
-    if channels_last: out["image"] = out["image"].contiguous(memory_format=torch.channels_last)
-    return out
-
-def _log_line(rec: dict) -> str:
-    return " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in rec.items())
-
-def train(cfg: TrainConfig | None = None, opts=None, **kw) -> dict:
-    "Train `cfg.method`, evaluate it, and write the run directory; returns the results dict (rank 0)."
-    if cfg is None: cfg, opts = make_config(kw)
-    opts = opts if opts is not None else get_method(cfg.method).Options()
-    t0 = time.time()
-    device = get_device(cfg.device)
-    info = init_distributed(device)
-    if info.distributed and device.type == "cpu": torch.set_num_threads(max(1, (os.cpu_count() or 2) // info.world_size))
+# %% ../nbs/12_train.ipynb #889e63df
+def _preflight(cfg: TrainConfig, info: DistInfo):
+    "Fail before anything is written: batches that do not split over the processes, problems of the dataset."
     for name, b in (("batch_size", cfg.batch_size), ("batch_size_u", cfg.batch_size_u)):
-        if b % info.world_size: raise ValueError(f"{name}={b} is not divisible by the {info.world_size} processes; use a multiple of {info.world_size}")
-    out = Path(cfg.out_dir or Path("runs") / cfg.run_name())
+        if b % info.world_size:
+            raise ValueError(f"{name}={b} is not divisible by the {info.world_size} processes; "
+                             f"use a multiple of {info.world_size}")
     if cfg.check_data and info.main:
-        from semiseg.check import check_dataset
         probs = check_dataset(cfg)
         if probs:
             more = f"\n  ... and {len(probs) - 20} more" if len(probs) > 20 else ""
             raise ValueError(f"the dataset has {len(probs)} problem(s); fix them (or pass check_data=false):\n  "
                              + "\n  ".join(map(str, probs[:20])) + more)
+
+# %% ../nbs/12_train.ipynb #4415b5c0
+def setup(cfg: TrainConfig, opts) -> Run:
+    "Everything before the first step: processes, checks, data, seed, method, optimiser, loss scaler."
+    device = get_device(cfg.device)
+    info = init_distributed(device)
+    if info.distributed and device.type == "cpu":
+        torch.set_num_threads(max(1, (os.cpu_count() or 2) // info.world_size))
+    _preflight(cfg, info)
     data = build_data(cfg)
     seed_everything(cfg.seed)
     method = get_method(cfg.method)(cfg, opts, data.num_classes).to(device)
-    if method.needs_unlabeled and data.unlabeled is None:
+    unlabeled = method.unlabeled_streams(data)
+    if any(ds is None for ds in unlabeled):
         raise ValueError(f"method={cfg.method} needs unlabeled images but labeled={cfg.labeled} leaves none")
-    if cfg.channels_last: method = method.to(memory_format=torch.channels_last)
+    if cfg.channels_last:
+        method = method.to(memory_format=torch.channels_last)
     opt = make_optimizer(cfg, method.param_groups(base_lr(cfg), cfg.head_lr_mult))
     amp_dtype = _amp_dtype(cfg, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    start, best = 0, -1.0
-    ckpt_dir = out / "ckpt"
-    if cfg.resume and (ckpt_dir / "last.pt").exists():
-        ck = load_checkpoint(ckpt_dir / "last.pt")
-        if ck.get("method") != cfg.method:
-            raise ValueError(f"{ckpt_dir/'last.pt'} was written by method={ck.get('method')}, not {cfg.method}: use another out_dir or resume=false")
-        load_weights(method, ck["model"], f"{ckpt_dir/'last.pt'} (method={ck.get('method')}, backbone={ck.get('config', {}).get('backbone')})")
-        opt.load_state_dict(ck["optimizer"]); scaler.load_state_dict(ck["scaler"])
-        start, best = ck["it"], ck.get("best_miou", -1.0)
-        torch.set_rng_state(ck["rng"])
-        if device.type == "cuda" and "cuda_rng" in ck: torch.cuda.set_rng_state(ck["cuda_rng"], device)
-    if info.distributed and device.type == "cuda" and cfg.sync_bn: method = nn.SyncBatchNorm.convert_sync_batchnorm(method)
-    model = (DDP(method, device_ids=[device.index] if device.type == "cuda" else None,
-                 find_unused_parameters=method.find_unused_parameters) if info.distributed else method)
-    if info.main:
-        out.mkdir(parents=True, exist_ok=True)
-        if (out / "metrics.jsonl").exists():  # drop records written after the checkpoint we resume from
-            keep = [l for l in (out / "metrics.jsonl").read_text().splitlines() if json.loads(l)["it"] <= start]
-            (out / "metrics.jsonl").write_text("".join(l + "\n" for l in keep))
-        write_json(out / "config.json", config_dict(cfg, opts))
-        write_json(out / "env.json", env_info(device, info.world_size))
-    pin = device.type == "cuda"
+    out = Path(cfg.out_dir or Path("runs") / cfg.run_name())
+    return Run(cfg, opts, info, device, out, data, method, method, unlabeled, opt, scaler, amp_dtype)
+
+# %% ../nbs/12_train.ipynb #325c2ce1
+def save(run: Run, it: int, name: str = "last.pt"):
+    "Write the checkpoint `ckpt/<name>` after iteration `it` (rank 0)."
+    if not run.info.main:
+        return
+    ck = dict(method=run.cfg.method, config=config_dict(run.cfg, run.opts), model=run.method.state_dict(),
+              optimizer=run.opt.state_dict(), scaler=run.scaler.state_dict(), it=it, best_miou=run.best,
+              rng=torch.get_rng_state())
+    if run.device.type == "cuda":
+        ck["cuda_rng"] = torch.cuda.get_rng_state(run.device)
+    atomic_save(ck, run.ckpt_dir / name)
+
+# %% ../nbs/12_train.ipynb #1631e5f1
+def resume(run: Run):
+    "Continue from `ckpt/last.pt` if it exists (and `cfg.resume`): weights, optimiser, scaler, iteration, RNG."
+    path = run.ckpt_dir / "last.pt"
+    if not (run.cfg.resume and path.exists()):
+        return
+    ck = load_checkpoint(path)
+    if ck.get("method") != run.cfg.method:
+        raise ValueError(f"{path} was written by method={ck.get('method')}, not {run.cfg.method}: "
+                         "use another out_dir or resume=false")
+    backbone = ck.get("config", {}).get("backbone")
+    load_weights(run.method, ck["model"], f"{path} (method={ck.get('method')}, backbone={backbone})")
+    run.opt.load_state_dict(ck["optimizer"])
+    run.scaler.load_state_dict(ck["scaler"])
+    run.start, run.best = ck["it"], ck.get("best_miou", -1.0)
+    torch.set_rng_state(ck["rng"])
+    if run.device.type == "cuda" and "cuda_rng" in ck:
+        torch.cuda.set_rng_state(ck["cuda_rng"], run.device)
+
+# %% ../nbs/12_train.ipynb #3f4efa7d
+def distribute(run: Run):
+    "SyncBatchNorm (CUDA, `sync_bn`) and DistributedDataParallel under torchrun."
+    if not run.info.distributed:
+        return
+    if run.device.type == "cuda" and run.cfg.sync_bn:
+        run.method = nn.SyncBatchNorm.convert_sync_batchnorm(run.method)
+    run.model = DDP(run.method, device_ids=[run.device.index] if run.device.type == "cuda" else None,
+                    find_unused_parameters=run.method.find_unused_parameters)
+
+# %% ../nbs/12_train.ipynb #4d070832
+def open_run_dir(run: Run):
+    "Create the run directory (rank 0): config.json, env.json, metrics.jsonl cut back to the resumed iteration."
+    if not run.info.main:
+        return
+    run.out.mkdir(parents=True, exist_ok=True)
+    metrics = run.out / "metrics.jsonl"
+    if metrics.exists():                               # drop records written after the checkpoint we resume from
+        keep = [line for line in metrics.read_text().splitlines() if json.loads(line)["it"] <= run.start]
+        metrics.write_text("".join(line + "\n" for line in keep))
+    write_json(run.out / "config.json", config_dict(run.cfg, run.opts))
+    write_json(run.out / "env.json", env_info(run.device, run.info.world_size))
+    run.log = open(metrics, "a")
+
+# %% ../nbs/12_train.ipynb #63bcd74a
+def make_streams(run: Run):
+    "(labeled stream, [unlabeled streams]) of a run, positioned at its first iteration."
+    cfg, info = run.cfg, run.info
+    pin = run.device.type == "cuda"
     bl, bu = cfg.batch_size // info.world_size, cfg.batch_size_u // info.world_size
-    lab = stream(data.labeled, bl, cfg.seed * 10 + 1, info.rank, info.world_size, start, cfg.workers, pin)
-    unl = [stream(data.unlabeled, bu, cfg.seed * 10 + 2 + k, info.rank, info.world_size, start, cfg.workers, pin)
-           for k in range(method.needs_unlabeled)]
-    nval = len(data.val)
-    val_ds = Subset(data.val, range(info.rank, nval, info.world_size)) if info.distributed else data.val
-    val_loader = DataLoader(val_ds, batch_size=cfg.eval_batch_size or (16 if data.fixed_size else 1),
-                            num_workers=min(cfg.workers, 2), collate_fn=collate)
-    eval_kw = dict(crop=cfg.eval_crop) if cfg.eval_protocol == "slide" else {}
+    lab = stream(run.data.labeled, bl, cfg.seed * 10 + 1, info.rank, info.world_size, run.start, cfg.workers, pin)
+    unl = [stream(ds, bu, cfg.seed * 10 + 2 + k, info.rank, info.world_size, run.start, cfg.workers, pin)
+           for k, ds in enumerate(run.unlabeled)]
+    return lab, unl
 
-    def evaluate_now():
-        return evaluate(method.eval_model(), val_loader, data.num_classes, protocol=cfg.eval_protocol, device=device, **eval_kw)
+# %% ../nbs/12_train.ipynb #ec08ef15
+def _to(batch: dict, device, channels_last: bool) -> dict:
+    "A batch's tensors on `device` (the images channels-last if asked)."
+    out = {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+    if channels_last:
+        out["image"] = out["image"].contiguous(memory_format=torch.channels_last)
+    return out
 
-    def save(it, name="last.pt"):
-        if info.main:
-            ck = dict(method=cfg.method, config=config_dict(cfg, opts), model=method.state_dict(), optimizer=opt.state_dict(),
-                      scaler=scaler.state_dict(), it=it, best_miou=best, rng=torch.get_rng_state())
-            if device.type == "cuda": ck["cuda_rng"] = torch.cuda.get_rng_state(device)
-            atomic_save(ck, ckpt_dir / name)
+# %% ../nbs/12_train.ipynb #604bdd1e
+def train_step(run: Run, labeled: dict, unlabeled: list[dict], it: int, stop: dict):
+    "One optimiser step: (the method's terms, the summed loss, [non-finite loss, stop requested] over all ranks)."
+    cfg = run.cfg
+    set_poly_lr(run.opt, it, cfg.iters, cfg.poly_power)
+    lb = _to(labeled, run.device, cfg.channels_last)
+    ub = [_to(u, run.device, cfg.channels_last) for u in unlabeled] or None
+    with torch.autocast(run.device.type, dtype=run.amp_dtype or torch.float32, enabled=run.amp_dtype is not None):
+        terms = run.model(lb, ub, it)
+    loss = sum(v for k, v in terms.items() if k.startswith("loss"))
+    status = torch.tensor([float(not torch.isfinite(loss)), float(stop["signal"] is not None)])
+    if run.info.distributed:
+        all_reduce_sum(status)
+    if status[0] and not cfg.skip_nonfinite:
+        bad = [k for k, v in terms.items() if k.startswith("loss") and not torch.isfinite(v)] or ["(another rank)"]
+        raise FloatingPointError(f"non-finite loss at iteration {it}: {', '.join(bad)} (the last good checkpoint "
+                                 f"{run.ckpt_dir / 'last.pt'} is kept); try a lower lr, amp=off, or "
+                                 "skip_nonfinite=true")
+    run.opt.zero_grad(set_to_none=True)
+    if not status[0]:
+        run.scaler.scale(loss).backward()
+        run.scaler.step(run.opt)
+        run.scaler.update()
+        run.method.after_step(it)
+    return terms, loss, status
 
-    log = open(out / "metrics.jsonl", "a") if info.main else None
-    bar = tqdm(total=cfg.iters, initial=start, disable=not (info.main and sys.stderr.isatty()), dynamic_ncols=True)
-    sums, n_sum, t_log, skipped = {}, 0, time.time(), 0
-    method.train()
-    with stop_requests() as stop:
-        for it in range(start, cfg.iters):
-            done = it + 1
-            set_poly_lr(opt, it, cfg.iters, cfg.poly_power)
-            lb = _to(next(lab), device, cfg.channels_last)
-            ub = [_to(next(u), device, cfg.channels_last) for u in unl] or None
-            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                terms = model(lb, ub, it)
-            loss = sum(v for k, v in terms.items() if k.startswith("loss"))
-            # one all-reduce per step makes every rank agree on a non-finite loss and on a stop request
-            status = torch.tensor([float(not torch.isfinite(loss)), float(stop["signal"] is not None)])
-            if info.distributed: all_reduce_sum(status)
-            if status[0] and not cfg.skip_nonfinite:
-                bad = [k for k, v in terms.items() if k.startswith("loss") and not torch.isfinite(v)] or ["(another rank)"]
-                raise FloatingPointError(f"non-finite loss at iteration {it}: {', '.join(bad)} (the last good checkpoint "
-                                         f"{ckpt_dir/'last.pt'} is kept); try a lower lr, amp=off, or skip_nonfinite=true")
-            opt.zero_grad(set_to_none=True)
-            if status[0]: skipped += 1
-            else:
-                scaler.scale(loss).backward()
-                scaler.step(opt); scaler.update()
-                method.after_step(it)
-                for k, v in terms.items(): sums[k] = sums.get(k, 0.0) + v.detach().float()
-                sums["loss"] = sums.get("loss", 0.0) + loss.detach().float(); n_sum += 1
-            bar.update(1)
-            if done % cfg.log_every == 0 or done == cfg.iters:
-                rec = dict(it=done, lr=opt.param_groups[0]["lr"], s_per_it=(time.time() - t_log) / max(n_sum, 1),
-                           **{k: (v / max(n_sum, 1)).item() for k, v in sums.items()}, **({"skipped": skipped} if skipped else {}))
-                if info.main:
-                    log.write(json.dumps(rec) + "\n"); log.flush()
-                    if bar.disable: print(_log_line(rec), flush=True)
-                    else: bar.set_postfix(loss=f"{rec['loss']:.3f}")
-                sums, n_sum, t_log = {}, 0, time.time()
-            if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.iters:
-                r = evaluate_now(); method.train()
-                if info.main:
-                    log.write(json.dumps(dict(it=done, **r)) + "\n"); log.flush()
-                    print(f"[eval] it={done} mIoU={r['miou']:.2f}", flush=True)
-                if r["miou"] > best: best = r["miou"]; save(done, "best.pt")
-            if done % cfg.ckpt_every == 0 or done == cfg.iters: save(done)
-            if status[1] and done < cfg.iters:
-                save(done); bar.close()
-                if info.main: print(f"stopped by signal at iteration {done}: checkpoint {ckpt_dir/'last.pt'} written; "
-                                    "run the same command again to resume", file=sys.stderr, flush=True)
-                raise SystemExit(128 + (stop["signal"] or signal.SIGTERM))
+# %% ../nbs/12_train.ipynb #cbaf68cf
+class Meter:
+    "Means of the logged terms since the last log line; steps skipped for a non-finite loss are counted."
+    def __init__(self):
+        self.skipped = 0
+        self.reset()
+
+    def reset(self):
+        self.sums, self.n, self.t = {}, 0, time.time()
+
+    def add(self, terms: dict, loss: torch.Tensor, skipped: bool = False):
+        if skipped:
+            self.skipped += 1
+            return
+        for k, v in terms.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v.detach().float()
+        self.sums["loss"] = self.sums.get("loss", 0.0) + loss.detach().float()
+        self.n += 1
+
+    def record(self, it: int, lr: float) -> dict:
+        "The log record of iteration `it`; starts the next window."
+        n = max(self.n, 1)
+        means = {k: (v / n).item() for k, v in self.sums.items()}
+        rec = dict(it=it, lr=lr, s_per_it=(time.time() - self.t) / n, **means,
+                   **({"skipped": self.skipped} if self.skipped else {}))
+        self.reset()
+        return rec
+
+# %% ../nbs/12_train.ipynb #b2aac5ce
+def _log_line(rec: dict) -> str:
+    "A log record as one line of text."
+    return " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in rec.items())
+
+# %% ../nbs/12_train.ipynb #d26e2db7
+def log_step(run: Run, bar, meter: Meter, it: int):
+    "Write the record of iteration `it` to metrics.jsonl and show it (rank 0)."
+    rec = meter.record(it, run.opt.param_groups[0]["lr"])
+    if not run.info.main:
+        return
+    run.log.write(json.dumps(rec) + "\n")
+    run.log.flush()
+    if bar.disable:
+        print(_log_line(rec), flush=True)
+    else:
+        bar.set_postfix(loss=f"{rec['loss']:.3f}")
+
+# %% ../nbs/12_train.ipynb #11228e83
+def val_loader(run: Run) -> DataLoader:
+    "The validation images of this process (its share under DDP), batched when they have one size."
+    cfg, info, val = run.cfg, run.info, run.data.val
+    ds = Subset(val, range(info.rank, len(val), info.world_size)) if info.distributed else val
+    return DataLoader(ds, batch_size=cfg.eval_batch_size or (16 if run.data.fixed_size else 1),
+                      num_workers=min(cfg.workers, 2), collate_fn=collate)
+
+# %% ../nbs/12_train.ipynb #34ab94bb
+def evaluate_now(run: Run, loader: DataLoader) -> dict:
+    "Score the method's evaluation network on the validation set."
+    return evaluate(run.method.eval_model(), loader, run.data.num_classes, device=run.device,
+                    **run.cfg.eval_options())
+
+# %% ../nbs/12_train.ipynb #770f9edd
+def eval_step(run: Run, loader: DataLoader, it: int):
+    "Evaluate during training: log the result, keep `ckpt/best.pt`."
+    r = evaluate_now(run, loader)
+    run.method.train()
+    if run.info.main:
+        run.log.write(json.dumps(dict(it=it, **r)) + "\n")
+        run.log.flush()
+        print(f"[eval] it={it} mIoU={r['miou']:.2f}", flush=True)
+    if r["miou"] > run.best:
+        run.best = r["miou"]
+        save(run, it, "best.pt")
+
+# %% ../nbs/12_train.ipynb #536984bd
+def _stop(run: Run, bar, it: int, stop: dict):
+    "End a run that received a stop signal: checkpoint, message, exit status 128 + signal."
+    save(run, it)
     bar.close()
-    r = evaluate_now()
-    if r["miou"] > best and cfg.eval_every: best = r["miou"]; save(cfg.iters, "best.pt")
+    if run.info.main:
+        print(f"stopped by signal at iteration {it}: checkpoint {run.ckpt_dir / 'last.pt'} written; "
+              "run the same command again to resume", file=sys.stderr, flush=True)
+    raise SystemExit(128 + (stop["signal"] or signal.SIGTERM))
+
+# %% ../nbs/12_train.ipynb #9cfe7cd0
+def _finish(run: Run, loader: DataLoader, t0: float) -> dict:
+    "The final evaluation and results.json."
+    cfg, data = run.cfg, run.data
+    r = evaluate_now(run, loader)
+    if r["miou"] > run.best and cfg.eval_every:
+        run.best = r["miou"]
+        save(run, cfg.iters, "best.pt")
     results = dict(method=cfg.method, dataset=cfg.dataset, labeled=cfg.labeled, n_labeled=len(data.labeled),
-                   n_unlabeled=method.unlabeled_count(data), iters=cfg.iters, seed=cfg.seed,
+                   n_unlabeled=run.method.unlabeled_count(data), iters=cfg.iters, seed=cfg.seed,
                    eval_protocol=r["eval_protocol"], miou=r["miou"], per_class_iou=r["per_class_iou"],
-                   pixel_acc=r["pixel_acc"], best_miou=max(best, r["miou"]) if cfg.eval_every else None,
-                   class_names=data.class_names, wall_s=time.time() - t0, out_dir=str(out))
-    if info.main:
-        log.write(json.dumps(dict(it=cfg.iters, **r)) + "\n"); log.close()
-        write_json(out / "results.json", results)
-    if info.distributed: dist.barrier()
+                   pixel_acc=r["pixel_acc"], best_miou=max(run.best, r["miou"]) if cfg.eval_every else None,
+                   class_names=data.class_names, wall_s=time.time() - t0, out_dir=str(run.out))
+    if run.info.main:
+        run.log.write(json.dumps(dict(it=cfg.iters, **r)) + "\n")
+        run.log.close()
+        write_json(run.out / "results.json", results)
+    if run.info.distributed:
+        dist.barrier()
     return results
 
-# %% ../nbs/12_train.ipynb #b3d16f06
-def usage() -> str:
-    "Every option with its default: the generic keys, then each method's own."
-    load_methods()
-    lines = ["usage: semiseg-train [config.yaml ...] key=value ...", "", "generic options:"]
-    lines += [f"  {f.name}={f.default!r}" for f in dataclasses.fields(TrainConfig)]
-    for name, cls in sorted(METHODS.items()):
-        fs = dataclasses.fields(cls.Options)
-        lines.append(f"method={name}: " + (" ".join(f"{f.name}={f.default!r}" for f in fs) if fs else "(no options)"))
-    return "\n".join(lines)
+# %% ../nbs/12_train.ipynb #ab25b023
+def train(cfg: TrainConfig | None = None, opts=None, **kw) -> dict:
+    "Train `cfg.method`, evaluate it, and write the run directory; returns the results dict."
+    if cfg is None:
+        cfg, opts = make_config(kw)
+    opts = opts if opts is not None else get_method(cfg.method).Options()
+    t0 = time.time()
+    run = setup(cfg, opts)
+    resume(run)
+    distribute(run)
+    open_run_dir(run)
+    lab, unl = make_streams(run)
+    loader, meter = val_loader(run), Meter()
+    bar = tqdm(total=cfg.iters, initial=run.start, disable=not (run.info.main and sys.stderr.isatty()),
+               dynamic_ncols=True)
+    run.method.train()
+    with stop_requests() as stop:
+        for it in range(run.start, cfg.iters):
+            done = it + 1
+            terms, loss, status = train_step(run, next(lab), [next(u) for u in unl], it, stop)
+            meter.add(terms, loss, skipped=bool(status[0]))
+            bar.update(1)
+            if done % cfg.log_every == 0 or done == cfg.iters:
+                log_step(run, bar, meter, done)
+            if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.iters:
+                eval_step(run, loader, done)
+            if done % cfg.ckpt_every == 0 or done == cfg.iters:
+                save(run, done)
+            if status[1] and done < cfg.iters:
+                _stop(run, bar, done, stop)
+    bar.close()
+    return _finish(run, loader, t0)
 
+# %% ../nbs/12_train.ipynb #b86e24c5
+def run_stage(**options) -> dict:
+    "`train(**options)` unless `out_dir` holds a finished run (then its results, after checking the config matches)."
+    out = Path(options["out_dir"])
+    done = read_json(out / "results.json", None)
+    if done is None:
+        return train(**options)
+    diff = config_diff(read_json(out / "config.json"), full_config(options))
+    if diff:
+        changes = ", ".join(f"{k}={old!r} not {new!r}" for k, (old, new) in diff.items())
+        raise ValueError(f"{out} holds a finished run with other options ({changes}): use another out_dir")
+    return done
+
+# %% ../nbs/12_train.ipynb #40a0a3c4
+def _run_pipeline(options: dict) -> dict:
+    "Run a pipeline into its run directory; write config.json and results.json at the top; return the results."
+    t0 = time.time()
+    cfg, opts = make_config(options)
+    info = method_info(cfg.method)
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        raise ValueError(f"method={info.name} is a pipeline: its stages run in one process (no torchrun)")
+    out = Path(cfg.out_dir or Path("runs") / cfg.run_name())
+    write_json(out / "config.json", {**full_config(options), "out_dir": str(out)})
+    own = {f.name for f in dataclasses.fields(info.cls.Options)}
+    train_options = {k: v for k, v in options.items()
+                     if k not in own and "." not in k and k not in ("method", "out_dir")}
+    summary = info.cls(opts).run(out, train_options, run_stage)
+    stages = summary["stages"]
+    results = {**stages[-1], "method": info.name, "iters": sum(s["iters"] for s in stages),
+               "stage_iters": [s["iters"] for s in stages], "stage_miou": [s["miou"] for s in stages],
+               "final_stage": Path(stages[-1]["out_dir"]).name, "wall_s": time.time() - t0, "out_dir": str(out),
+               "pipeline": {k: v for k, v in summary.items() if k != "ran"}}
+    write_json(out / "results.json", results)
+    return results
+
+# %% ../nbs/12_train.ipynb #fc4925f1
+def run(options: dict) -> dict:
+    "Train the registered method or pipeline `options['method']` with the flat `options`; return its results."
+    if method_info(options.get("method", TrainConfig.method)).pipeline:
+        return _run_pipeline(options)
+    return train(*make_config(options))
+
+# %% ../nbs/12_train.ipynb #b3d16f06
+def _print_results(res: dict):
+    "The per-class IoU table of a finished run (and a pipeline's stages and pseudo labels)."
+    w = max(len(n) for n in res["class_names"])
+    print(f"\n{res['method']} on {res['dataset']} ({res['n_labeled']} labeled, {res['iters']} iters, "
+          f"{res['eval_protocol']})")
+    for n, v in zip(res["class_names"], res["per_class_iou"]):
+        print(f"  {n:<{w}}  {'  n/a' if v is None else f'{v:5.1f}'}")
+    print(f"  {'mIoU':<{w}}  {res['miou']:5.1f}")
+    for s in (res.get("pipeline") or {}).get("stages", []):
+        print(f"  stage {Path(s['out_dir']).name} ({s['method']}, {s['iters']} iters): mIoU {s['miou']:.1f}")
+    for q in (res.get("pipeline") or {}).get("pseudo_quality", []):
+        print(f"  pseudo labels, {q['subset']}: mIoU {q['pl_miou']:.1f}")
+    print(f"  run directory: {res['out_dir']}")
+
+# %% ../nbs/12_train.ipynb #73e01a8a
 def main(argv: list[str] | None = None):
     "Console entry point `semiseg-train`."
     argv = sys.argv[1:] if argv is None else argv
-    if any(a in ("-h", "--help") for a in argv): print(usage()); return
-    cfg, opts = make_config(parse_args(argv))
-    res = train(cfg, opts)
+    if any(a in ("-h", "--help") for a in argv):
+        print(usage())
+        return
+    res = run(parse_args(argv))
     if res and int(os.environ.get("RANK", 0)) == 0:
-        w = max(len(n) for n in res["class_names"])
-        print(f"\n{res['method']} on {res['dataset']} ({res['n_labeled']} labeled, {res['iters']} iters, {res['eval_protocol']})")
-        for n, v in zip(res["class_names"], res["per_class_iou"]):
-            print(f"  {n:<{w}}  {'  n/a' if v is None else f'{v:5.1f}'}")
-        print(f"  {'mIoU':<{w}}  {res['miou']:5.1f}\n  run directory: {res['out_dir']}")
+        _print_results(res)
 
 # %% ../nbs/12_train.ipynb #a6da681f
-if __name__ == "__main__": main()  # python -m semiseg.train (torchrun -m semiseg.train)
+if __name__ == "__main__":
+    main()  # python -m semiseg.train (torchrun -m semiseg.train)

@@ -8,14 +8,13 @@ Docs: https://semiseg.github.io/semiseg/transforms.html.md"""
 from __future__ import annotations
 import math
 import torch
-import torch.nn.functional as F
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 from .core import IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD
 
 # %% auto #0
-__all__ = ['RandomScale', 'train_transform', 'eval_transform', 'denormalize', 'normalize', 'strong_photometric', 'box_mask',
+__all__ = ['RandomScale', 'eval_transform', 'train_transform', 'denormalize', 'normalize', 'strong_photometric', 'box_mask',
            'mix']
 
 # %% ../nbs/01_transforms.ipynb #b401cd18
@@ -37,31 +36,39 @@ def _to_float():
     return v2.Compose([v2.ToDtype({tv_tensors.Image: torch.float32, "others": None}, scale=True),
                        v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
+# %% ../nbs/01_transforms.ipynb #ceab2e93
+def eval_transform():
+    "Evaluation: convert to float and normalise, geometry untouched."
+    return _to_float()
+
+# %% ../nbs/01_transforms.ipynb #1e8f9e3d
 def train_transform(crop: int, scale=(0.5, 2.0), flip: bool = True):
     "Joint training augmentation: scale, pad-and-crop to `crop`, flip, normalise."
     ops = [RandomScale(scale)] if scale else []
     ops.append(v2.RandomCrop(crop, pad_if_needed=True, fill={tv_tensors.Image: 0, tv_tensors.Mask: IGNORE_INDEX}))
-    if flip: ops.append(v2.RandomHorizontalFlip())
+    if flip:
+        ops.append(v2.RandomHorizontalFlip())
     return v2.Compose(ops + [_to_float()])
-
-def eval_transform():
-    "Evaluation: convert to float and normalise, geometry untouched."
-    return _to_float()
 
 # %% ../nbs/01_transforms.ipynb #edb5fb72
 _STRONG = v2.Compose([v2.RandomApply([v2.ColorJitter(0.5, 0.5, 0.5, 0.25)], p=0.8), v2.RandomGrayscale(p=0.2),
                       v2.RandomApply([v2.GaussianBlur(5, sigma=(0.1, 2.0))], p=0.5)])
 
+# %% ../nbs/01_transforms.ipynb #07757fd3
 def denormalize(x: torch.Tensor) -> torch.Tensor:
     "Undo ImageNet normalisation: back to [0, 1] RGB."
-    m = x.new_tensor(IMAGENET_MEAN).view(-1, 1, 1); s = x.new_tensor(IMAGENET_STD).view(-1, 1, 1)
+    m = x.new_tensor(IMAGENET_MEAN).view(-1, 1, 1)
+    s = x.new_tensor(IMAGENET_STD).view(-1, 1, 1)
     return x * s + m
 
+# %% ../nbs/01_transforms.ipynb #75bce582
 def normalize(x: torch.Tensor) -> torch.Tensor:
     "ImageNet normalisation of [0, 1] RGB."
-    m = x.new_tensor(IMAGENET_MEAN).view(-1, 1, 1); s = x.new_tensor(IMAGENET_STD).view(-1, 1, 1)
+    m = x.new_tensor(IMAGENET_MEAN).view(-1, 1, 1)
+    s = x.new_tensor(IMAGENET_STD).view(-1, 1, 1)
     return (x - m) / s
 
+# %% ../nbs/01_transforms.ipynb #0f778843
 def strong_photometric(images: torch.Tensor) -> torch.Tensor:
     "Strong colour/blur augmentation of a normalised batch (B,3,H,W), drawn per sample; geometry unchanged."
     rgb = denormalize(images).clamp(0, 1)
@@ -84,6 +91,7 @@ def box_mask(batch: int, h: int, w: int, n_boxes: int = 3, prop_range=(0.25, 0.5
               (xs >= x0[..., None, None]) & (xs < (x0 + bw)[..., None, None]))
     return (inside.sum(1, keepdim=True) % 2).float()
 
+# %% ../nbs/01_transforms.ipynb #c130dc22
 def mix(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     "Paste `b` into `a` where `mask` is 1: `a*(1-M) + b*M`; works for images (B,C,H,W) and label maps (B,H,W)."
     m = mask if a.dim() == mask.dim() else mask[:, 0]

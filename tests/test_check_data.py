@@ -25,7 +25,7 @@ def test_check_data_cli(tiny_data, tmp_path):
 def test_check_speed_on_embedded_benchmark():
     "The full 2,500-image benchmark is scanned in under 10 s (generated once, cached)."
     from semiseg.check import check_dataset
-    from semiseg.train import make_config
+    from semiseg.config import make_config
     root = D.make_synthetic()
     t = time.time()
     probs = check_dataset(make_config(data_root=str(root))[0])

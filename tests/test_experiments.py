@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import papermill as pm
-from semiseg import experiments as E, plots as P
+from semiseg import experiments as E, plots as P, runs as R
 from semiseg.data import make_synthetic
 
 PNG, PDF = b"\x89PNG\r\n\x1a\n", b"%PDF"
@@ -76,7 +76,7 @@ def test_sweep_2x2_with_a_failing_run(bench, tmp_path):
     assert Path(bad["notebook"]).is_file()                                               # the record shows the error too
     good = [r for r in rows if r["status"] == "ok"]
     assert all(0 <= r["miou"] <= 100 and r["iou_background"] is not None and r["wall_s"] > 0 for r in good)
-    table = E.load_results(tmp_path / "sweep" / "results.csv")
+    table = R.load_results(tmp_path / "sweep" / "results.csv")
     assert [r["run"] for r in table] == [r["run"] for r in rows] and table[0]["config"]["iters"] == 6
     header = (tmp_path / "sweep" / "results.csv").read_text().splitlines()[0].split(",")
     assert header[:8] == ["run", "status", "method", "dataset", "labeled", "seed", "eval_protocol", "eval_crop"]
@@ -99,7 +99,7 @@ def test_sweep_pipelines(bench, tmp_path):
         assert row["stage_iters"] == [4] * n and row["stage_miou"][-1] == pytest.approx(last["miou"], abs=1e-6) and row["notebook"] is None
         summary = json.loads((d / f"{row['config']['method']}.json").read_text())
         assert res["pipeline"]["pseudo"] == summary["pseudo"]
-        assert E.model_dir(d) == d / final
+        assert R.model_dir(d) == d / final
     st_pl = json.loads((Path(st["out_dir"]) / "results.json").read_text())["pipeline"]["pseudo"]
     assert st["config"]["rounds"] == 1 and st["config"]["stage_method"] == "supervised"
     assert len(st_pl) == 1 and 0 <= st_pl[0]["miou"] <= 100
@@ -107,8 +107,8 @@ def test_sweep_pipelines(bench, tmp_path):
         "m0_all", "m0_reliable", "m0_unreliable", "m1_unreliable", "after_all"}
     again = E.sweep(grid, base, out_root=tmp_path / "sweep", runner="cli", verbose=False)      # finished: cached, same numbers
     assert [(r["status"], r["miou"]) for r in again] == [("cached", st["miou"]), ("cached", ci["miou"])]
-    assert [r["run"] for r in E.load_results(tmp_path / "sweep")] == ["ciscr-8-s0", "self_training-8-s0-rounds1"]  # stages: no rows
-    table = E.load_results(tmp_path / "sweep" / "results.csv")
+    assert [r["run"] for r in R.load_results(tmp_path / "sweep")] == ["ciscr-8-s0", "self_training-8-s0-rounds1"]  # stages: no rows
+    table = R.load_results(tmp_path / "sweep" / "results.csv")
     assert [r["stage_iters"] for r in table] == [[4, 4], [4, 4, 4]]
     done, skipped = P.render_all(table, tmp_path / "figures", paper=False)
     assert {"pseudo_label_quality", "qualitative", "methods"} <= set(done), skipped
@@ -131,7 +131,7 @@ def test_sweep_variants(bench, tmp_path):
         assert r["config"]["ohem"] == cfg["ohem"] and "variant" not in cfg
     header = (tmp_path / "sweep" / "results.csv").read_text().splitlines()[0].split(",")
     assert header[:7] == ["run", "status", "method", "dataset", "labeled", "seed", "variant"] and "ohem" in header
-    table = E.load_results(tmp_path / "sweep" / "results.csv")
+    table = R.load_results(tmp_path / "sweep" / "results.csv")
     assert [(r["variant"], r["ohem"], r["miou"]) for r in table] == [("plain", False, rows[0]["miou"]), ("+OHEM", True, rows[1]["miou"])]
     done, skipped = P.render_all(table, tmp_path / "figures", paper=False)
     assert "ablation" in done, skipped
@@ -139,18 +139,19 @@ def test_sweep_variants(bench, tmp_path):
 
 
 def test_render_all_pseudo_labels_from_pipeline_summaries(tmp_path):
-    # what the pipelines write (no training): ciscr.json with named subsets, self_training.json with one entry per round
-    runs = {("ciscr", 0): dict(stages={}, pseudo=dict(m0_all=60.0, m0_reliable=70.0, m0_unreliable=48.0, m1_unreliable=55.0, after_all=63.0)),
-            ("ciscr", 1): dict(stages={}, pseudo=dict(m0_all=62.0, m0_reliable=72.0, m0_unreliable=50.0, m1_unreliable=57.0, after_all=65.0)),
-            ("self_training", 0): dict(stages=[], pseudo=[dict(round=1, miou=58.0, coverage=100.0), dict(round=2, miou=61.0, coverage=100.0)])}
+    # what the pipelines write (no training): results.json with the pseudo-label rows of the pipeline's summary
+    ciscr = ("M0, all", "M0, reliable", "M0, unreliable", "M1, unreliable", "after, all")
+    runs = {("ciscr", 0): list(zip(ciscr, (60.0, 70.0, 48.0, 55.0, 63.0))),
+            ("ciscr", 1): list(zip(ciscr, (62.0, 72.0, 50.0, 57.0, 65.0))),
+            ("self_training", 0): [("round 1", 58.0), ("round 2", 61.0)]}
     rows = []
-    for (m, s), summary in runs.items():
+    for (m, s), quality in runs.items():
         d = tmp_path / f"{m}-s{s}"; d.mkdir()
-        (d / f"{m}.json").write_text(json.dumps(summary))
+        (d / "results.json").write_text(json.dumps(dict(pipeline=dict(pseudo_quality=[dict(subset=k, pl_miou=v) for k, v in quality]))))
         rows.append(dict(run=d.name, status="ok", method=m, dataset="synthetic", labeled="1/16", seed=s, miou=40.0 + s, out_dir=str(d),
                          stage_iters=[10] * 3, config=dict(method=m, seed=s)))
     rows.append(dict(run="ciscr-broken", status="failed", method="ciscr", labeled="1/16", seed=2, miou=None, out_dir=str(tmp_path / "ciscr-s0")))
-    table = E.load_results(E.write_csv(rows, tmp_path / "results.csv"))
+    table = R.load_results(R.write_csv(rows, tmp_path / "results.csv"))
     plr = P.pipeline_pseudo_rows(table)
     got = {(r["method"], r["stage"], r["seed"]): r["pl_miou"] for r in plr}
     assert len(plr) == 12 and got[("ciscr", "M0, reliable", 1)] == 72.0 and got[("ciscr", "after, all", 0)] == 63.0
@@ -206,7 +207,7 @@ def small_table(template_run, tmp_path_factory):
     rows.append(dict(run=out.name, status="ok", method="supervised", dataset="synthetic", labeled="1/32", seed=0, miou=res["miou"], out_dir=str(out)))
     rows.append(dict(run="broken", status="failed", method="cps", dataset="synthetic", labeled="1/8", seed=3, miou=None,
                      error="Traceback ...\nValueError: boom", failed_cell="In [4]: # train"))
-    E.write_csv([dict(r, config={k: v for k, v in r.items() if k in ("method", "labeled", "seed", "cps_weight")}) for r in rows], d / "results.csv")
+    R.write_csv([dict(r, config={k: v for k, v in r.items() if k in ("method", "labeled", "seed", "cps_weight")}) for r in rows], d / "results.csv")
     return rows, d
 
 

@@ -100,10 +100,11 @@ def test_resume_refuses_another_architecture(tiny_data, reference_run, tmp_path)
 
 FAILING_RANK = '''
 import os, sys
-from semiseg.core import register_method
-from semiseg.train import Supervised, train, main
+from semiseg.method import register
+from semiseg.methods.supervised import Supervised
+from semiseg.train import main
 
-@register_method("fails_on_rank1")
+@register("fails_on_rank1", label="fails on rank 1", color="#000000")
 class FailsOnRank1(Supervised):
     def forward(self, labeled, unlabeled, it):
         if it == 3 and os.environ["RANK"] == "1": raise RuntimeError("rank 1 broke at iteration 3")
@@ -127,12 +128,11 @@ def test_ddp_rank_failure_ends_the_job(tiny_data, tmp_path):
 
 def test_shipped_configs_parse():
     "configs/*.yaml hold only valid keys, for every method."
-    from semiseg.core import METHODS, load_methods
-    from semiseg.train import make_config, parse_args
-    load_methods()
+    from semiseg.method import registered
+    from semiseg.config import make_config, parse_args
     files = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
     assert files
     for f in files:
-        for m in METHODS:
+        for m in registered():
             cfg, _ = make_config(parse_args([str(f), f"method={m}"]))
             assert cfg.method == m and cfg.iters >= 10_000

@@ -12,8 +12,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from fastcore.basics import patch
-from ..core import IGNORE_INDEX, register_method
-from ..train import Method
+from ..core import IGNORE_INDEX
+from ..method import Method, register
 from ..losses import ce_loss, sigmoid_rampup
 
 # %% auto #0
@@ -349,7 +349,7 @@ def aux_counts(opts) -> dict:
     return counts
 
 # %% ../../nbs/25_cct.ipynb #6a9fcd1d
-@register_method('cct')
+@register("cct", label="CCT", color="#2ca02c", weight="unsup_weight", demo=True, order=8)
 class CCT(Method):
     "Cross-consistency training: a main decoder on labels, K perturbed auxiliary decoders that agree with it."
     needs_unlabeled = 1

@@ -6,31 +6,32 @@ Docs: https://semiseg.github.io/semiseg/ciscr.html.md"""
 
 # %% ../../nbs/27_ciscr.ipynb #b74b7def
 from __future__ import annotations
-import json, math, os, shutil, sys, time
+import json
+import math
+import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import torch.distributed as dist
-from torch.utils.data import DataLoader
-from torch.utils.data._utils.collate import default_collate
 from fastcore.basics import patch
-from ..core import IGNORE_INDEX, register_method, get_device, load_checkpoint, load_weights
+from torch.utils.data import DataLoader
+from ..core import IGNORE_INDEX, atomic_write, get_device, load_checkpoint, load_weights, read_json, write_json
 from .. import data as D
+from ..data import build_data
 from ..transforms import train_transform, eval_transform, strong_photometric
 from ..models import build_model
-from ..train import (TrainConfig, Method, make_config, parse_args, dataset_items, split_ids, write_json,
-                           InfiniteSampler, Seeded)
-from ..pseudo import pseudo_label, pseudo_label_miou, tta_scales
-from .self_training import unlabeled_dataset, run_stage
+from ..method import Method, Pipeline, register
+from ..config import make_config
+from ..pseudo import TTA, pseudo_label, pseudo_label_miou, tta_scales
 
 # %% auto #0
-__all__ = ['GAP_EPS', 'STEPS', 'BEST_WARNING', 'PSEUDO_BARS', 'masked_average_pool', 'cisc_map', 'rectified_ce', 'skip_classes',
-           'present_classes', 'query_index', 'query_candidates', 'pair_in_batch', 'cisc_pair_loss', 'CISCStage1',
-           'class_anchors', 'cisc_distance', 'smaller_half', 'select_reliable', 'load_net', 'QueryPairs', 'CISCRectify',
-           'run_ciscr', 'plot_pseudo_quality', 'main']
+__all__ = ['GAP_EPS', 'STEPS', 'PSEUDO_SUBSETS', 'BEST_WARNING', 'masked_average_pool', 'cisc_map', 'rectified_ce',
+           'skip_classes', 'present_classes', 'query_index', 'query_candidates', 'pair_in_batch', 'cisc_pair_loss',
+           'CISCStage1', 'class_anchors', 'cisc_distance', 'smaller_half', 'select_reliable', 'load_net', 'QueryPairs',
+           'CISCRectify', 'CISCR']
 
 # %% ../../nbs/27_ciscr.ipynb #7fe795e8
 def _resize(x: torch.Tensor, size) -> torch.Tensor:
@@ -153,7 +154,7 @@ def _check_area_and_classes(opts):
                              f"got {opts.query_classes!r}") from None
 
 # %% ../../nbs/27_ciscr.ipynb #d718f9cd
-@register_method("ciscr_stage1")
+@register("ciscr_stage1", label="CISC-R stage 1", color="#f7b6d2", weight="cisc_weight")
 class CISCStage1(Method):
     "CISC-R stage 1 (SupOnly + L_CISC): CE on labeled images plus the bidirectional CISC loss between in-batch pairs."
     @dataclass
@@ -310,23 +311,11 @@ class QueryPairs(torch.utils.data.Dataset):
                     map_q=(mask_q == k).long() if k >= 0 else torch.zeros_like(mask_q),
                     cls=k, id=u["id"], id_q=q["id"])
 
-# %% ../../nbs/27_ciscr.ipynb #f3ea7f47
-def _rank_world():
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
-
-# %% ../../nbs/27_ciscr.ipynb #2a139c16
-def _pool_datasets(cfg: TrainConfig, transform):
-    "(labeled, unlabeled item lists, num_classes, label_map, names) of `cfg`'s partition."
-    items, nc, names, lmap, fixed, root = dataset_items(cfg, cfg.train_split)
-    by_id = {it[0]: it for it in items}
-    lab, unl = split_ids(cfg, list(by_id))
-    return D.SegDataset([by_id[i] for i in lab], transform=transform, label_map=lmap, class_names=names), \
-           [by_id[i] for i in unl], nc, lmap, names
-
 # %% ../../nbs/27_ciscr.ipynb #fec9533a
-@register_method("ciscr_rectify")
+@register("ciscr_rectify", label="CISC-R (rectified)", color="#e377c2")
 class CISCRectify(Method):
     "CISC-R stages 2/3: L_s on labeled images + rectified CE on pseudo-labeled ones, CISC maps from a frozen teacher."
+    needs_unlabeled = 1               # one stream: query pairs of pseudo-labeled unlabeled images
     @dataclass
     class Options:
         teacher: str | None = None        # checkpoint (.pt) of the frozen model that draws the CISC maps
@@ -348,7 +337,7 @@ class CISCRectify(Method):
                              "and pseudo_dir=<folder of <id>.png pseudo labels>")
         self.net = self.make_net()
         self.skip = skip_classes(cfg.dataset, opts.query_classes)
-        self._teacher, self._stream = [], None   # a list keeps the teacher out of the state_dict and the optimiser
+        self._teacher = []   # a list keeps the teacher out of the state_dict and the optimiser
 
     def teacher(self, device) -> nn.Module:
         "The frozen teacher network, loaded at the first call."
@@ -356,42 +345,35 @@ class CISCRectify(Method):
             self._teacher.append(load_net(self.opts.teacher, device))
         return self._teacher[0]
 
-    def pairs_dataset(self) -> QueryPairs:
+    def unlabeled_streams(self, data) -> list:
+        "One stream: query pairs of the pseudo-labeled unlabeled images (those of `unlabeled_ids`, if given)."
         cfg, o = self.cfg, self.opts
-        tt = train_transform(cfg.crop, cfg.scale)
-        labeled, unl_items, nc, lmap, names = _pool_datasets(cfg, tt)
+        unl_items = data.unlabeled.items if data.unlabeled is not None else []
         if o.unlabeled_ids:
-            keep = set(D.read_split(o.unlabeled_ids)); unl_items = [it for it in unl_items if it[0] in keep]
+            keep = set(D.read_split(o.unlabeled_ids))
+            unl_items = [it for it in unl_items if it[0] in keep]
         pdir = Path(o.pseudo_dir)
         missing = [it[0] for it in unl_items if not (pdir / f"{it[0]}.png").is_file()]
-        if missing: raise FileNotFoundError(f"pseudo_dir={pdir}: no pseudo label for {len(missing)} images, e.g. {missing[0]}.png")
-        if not unl_items: raise ValueError("ciscr_rectify: no unlabeled images to train on")
-        unl = D.SegDataset([(i, im, pdir / f"{i}.png") for i, im, _ in unl_items], transform=tt, class_names=names)
-        if o.query_lists: index = json.loads(Path(o.query_lists).read_text())
+        if missing:
+            raise FileNotFoundError(f"pseudo_dir={pdir}: no pseudo label for {len(missing)} images, e.g. {missing[0]}.png")
+        if not unl_items:
+            raise ValueError("ciscr_rectify: no unlabeled images to train on")
+        unl = data.spec.dataset(unl_items, train_transform(cfg.crop, cfg.scale), pseudo_dir=pdir)
+        if o.query_lists:
+            index = json.loads(Path(o.query_lists).read_text())
         else:
-            ev = _pool_datasets(cfg, eval_transform())[0]
+            ev = data.spec.dataset(data.labeled.items, eval_transform())
             index = query_index({s["id"]: _plain(s["mask"]) for s in ev}, o.min_area, self.skip)
-        return QueryPairs(unl, labeled, index, o.min_area, self.skip)
-
-    def next_pairs(self, it: int, device) -> dict:
-        if self._stream is None:  # created at the first step, positioned there: resuming continues the same sequence
-            ds, (rank, world) = self.pairs_dataset(), _rank_world()
-            bs, seed = self.cfg.batch_size_u // world, self.cfg.seed * 10 + 7
-            sampler = InfiniteSampler(len(ds), seed, rank, world, start=it * bs)
-            self._stream = iter(DataLoader(Seeded(ds), batch_size=bs, sampler=sampler, num_workers=self.cfg.workers,
-                                           collate_fn=default_collate, drop_last=True, persistent_workers=self.cfg.workers > 0))
-        return {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in next(self._stream).items()}
+        return [QueryPairs(unl, data.labeled, index, o.min_area, self.skip)]
 
     def eval_model(self):
         return self.net
-
-    def unlabeled_count(self, data) -> int: return len(self.pairs_dataset())   # its own stream of pseudo-labeled images
 
 # %% ../../nbs/27_ciscr.ipynb #39d99b57
 @patch
 def forward(self: CISCRectify, labeled, unlabeled, it):
     img_x, mask_x = labeled["image"], labeled["mask"]
-    pairs = self.next_pairs(it, img_x.device)
+    pairs = unlabeled[0]                                    # a batch of query pairs
     img_u = strong_photometric(pairs["image"]) if self.opts.strong_aug else pairs["image"]
     bu = img_u.shape[0]
     with torch.no_grad():
@@ -408,156 +390,185 @@ def forward(self: CISCRectify, labeled, unlabeled, it):
 
 # %% ../../nbs/27_ciscr.ipynb #2c510f19
 STEPS = ("stage1", "pseudo0", "select", "stage2", "pseudo1", "stage3")
+PSEUDO_SUBSETS = {"m0_all": "M0, all", "m0_reliable": "M0, reliable", "m0_unreliable": "M0, unreliable",
+                  "m1_unreliable": "M1, unreliable", "after_all": "after, all"}   # the pseudo-label measurements
 BEST_WARNING = ("model_select=best: each stage's teacher / labeller is its best checkpoint on the VALIDATION set (as the "
                 "CISC-R code does). The validation labels then steer training: the reported mIoU is optimistic.")
 
-def _subset(ds: D.SegDataset, ids) -> D.SegDataset:
-    keep = set(ids)
-    return D.SegDataset([it for it in ds.items if it[0] in keep], transform=ds.transform, label_map=ds.label_map,
-                        class_names=ds.class_names)
+# %% ../../nbs/27_ciscr.ipynb #24a74573
+@register("ciscr", label="CISC-R", color="#e377c2", demo=True, order=11)
+class CISCR(Pipeline):
+    "The CISC-R pipeline (Algorithm 2): stage 1, TTA pseudo labels, Algorithm 1, two rectifying stages; resumable."
+    @dataclass
+    class Options(Pipeline.Options):
+        model_select: str = "last"      # last | best (best-on-val: uses validation labels, prints a warning)
+        tta: bool = True                # pseudo labels with multi-scale + flip TTA (CISC-R) or whole-image
+        min_area: float = 0.03          # a class counts in an image when it covers at least this share
+        query_classes: str = "auto"     # classes never queried: auto | none | '0,3'
+        until: str | None = None        # stop after this step (one of STEPS)
 
-def _with_masks(ds: D.SegDataset, pdir) -> D.SegDataset:
-    "`ds` with the pseudo labels of `pdir` as masks (no label map: they are class indices)."
-    return D.SegDataset([(i, im, Path(pdir) / f"{i}.png") for i, im, _ in ds.items], transform=ds.transform,
-                        class_names=ds.class_names)
+        def __post_init__(self):
+            if self.model_select not in ("last", "best"):
+                raise ValueError(f"model_select must be 'last' or 'best', got {self.model_select!r}")
+            if self.until is not None and self.until not in STEPS:
+                raise ValueError(f"until must be one of {STEPS}, got {self.until!r}")
 
-def _ckpt(run_dir: Path, model_select: str) -> Path:
-    p = run_dir / "ckpt" / ("best.pt" if model_select == "best" else "last.pt")
-    if not p.is_file(): raise FileNotFoundError(f"{p} not found" + (" (model_select=best needs eval_every > 0)" if model_select == "best" else ""))
+    def stages(self) -> dict[str, str]:
+        return {"stage1": "ciscr_stage1", "stage2": "ciscr_rectify", "stage3": "ciscr_rectify"}
+
+    def cost(self) -> dict:
+        "Stage 1 as measured; each rectifying step ~2.5 supervised steps; 1.5 TTA labellings per unlabeled image."
+        return dict(steps={"ciscr_stage1": 1.0, "supervised": 2 * 2.5}, stages=3, tta_passes=1.5,
+                    tta={**TTA, "scales": tta_scales(None)})
+
+# %% ../../nbs/27_ciscr.ipynb #2f2afaae
+@patch
+def run(self: CISCR, out_dir, train_options: dict, run_stage) -> dict:
+    "The six steps (`STEPS`) under `out_dir`, each skipped when finished; writes and returns the summary `ciscr.json`."
+    o, so = self.opts, self.opts.stage_options or {}
+    if "pseudo_labels" in train_options:
+        raise ValueError("method=ciscr sets pseudo_labels itself")
+    if o.model_select == "best":
+        print("WARNING: " + BEST_WARNING, file=sys.stderr, flush=True)
+        if any(not {**train_options, **so.get(s, {})}.get("eval_every") for s in self.stages()):
+            raise ValueError("model_select=best needs eval_every > 0 in every stage (it picks ckpt/best.pt)")
+    self.out, self.train_options, self.run_stage = Path(out_dir), train_options, run_stage
+    self.cfg = make_config({**train_options, "method": "ciscr_stage1"})[0]
+    self.device = get_device(self.cfg.device)
+    data = build_data(self.cfg)
+    self.spec, self.nc = data.spec, data.num_classes
+    self.labeled = self.spec.dataset(data.labeled.items, eval_transform())
+    self.unl = self.spec.dataset(data.unlabeled.items, eval_transform())
+    self.summary = s = dict(model_select=o.model_select, tta=o.tta, stages=[], pseudo={}, ran=[])
+    for step in STEPS:
+        getattr(self, f"_{step}")()
+        if step == o.until:
+            break
+    s["pseudo_quality"] = [dict(subset=PSEUDO_SUBSETS[k], pl_miou=v) for k, v in s["pseudo"].items() if v is not None]
+    write_json(self.out / "ciscr.json", {k: v for k, v in s.items() if k != "ran"})
+    return s
+
+# %% ../../nbs/27_ciscr.ipynb #362f264c
+@patch
+def _stage(self: CISCR, name: str, **options) -> dict:
+    "Train stage `name` unless it finished; its results join the summary."
+    fresh = not (self.out / name / "results.json").is_file()
+    so = (self.opts.stage_options or {}).get(name, {})
+    res = self.run_stage(**{**self.train_options, **so, **options, "min_area": self.opts.min_area,
+                            "query_classes": self.opts.query_classes, "out_dir": str(self.out / name)})
+    if fresh:
+        self.summary["ran"].append(name)
+        print(f"[ciscr] {name}: mIoU {res['miou']:.2f}", flush=True)
+    self.summary["stages"].append(res)
+    return res
+
+# %% ../../nbs/27_ciscr.ipynb #b2eb6fc4
+@patch
+def _resumable(self: CISCR, name: str, record: str, make) -> dict:
+    "The record `<name>/<record>` of step `name`; `make(folder) -> message` writes the step's files first if it is missing."
+    path = self.out / name / record
+    if not path.is_file():
+        message = make(self.out / name)
+        self.summary["ran"].append(name)
+        print(f"[ciscr] {name}: {message}", flush=True)
+    return read_json(path)
+
+# %% ../../nbs/27_ciscr.ipynb #6e28ec62
+@patch
+def _ckpt(self: CISCR, stage: str) -> Path:
+    "The checkpoint of `stage` that teaches or labels the next step (`model_select`)."
+    best = self.opts.model_select == "best"
+    p = self.out / stage / "ckpt" / ("best.pt" if best else "last.pt")
+    if not p.is_file():
+        raise FileNotFoundError(f"{p} not found" + (" (model_select=best needs eval_every > 0)" if best else ""))
     return p
 
-def _copy(src: Path, dst: Path):
-    if dst.is_file(): return
-    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp"); shutil.copyfile(src, tmp); os.replace(tmp, dst)
+# %% ../../nbs/27_ciscr.ipynb #60adfc6f
+@patch
+def _unlabeled(self: CISCR, ids=None, pseudo_dir=None) -> D.SegDataset:
+    "The unlabeled images at full size (those of `ids`), masks: the hidden ground truth, or `pseudo_dir`'s labels."
+    keep = None if ids is None else set(ids)
+    items = [it for it in self.unl.items if keep is None or it[0] in keep]
+    return self.spec.dataset(items, eval_transform(), pseudo_dir=pseudo_dir)
 
-def run_ciscr(out_dir,
-              model_select: str = "last",      # last | best (best-on-val: uses validation labels, prints a warning)
-              tta: bool = True,                # pseudo labels with multi-scale + flip TTA (CISC-R) or whole-image
-              min_area: float = 0.03,          # a class counts in an image when it covers at least this share
-              query_classes: str = "auto",     # classes never queried: auto | none | '0,3'
-              stage_options: dict | None = None,  # {'stage1': {...}, 'stage2': {...}, 'stage3': {...}} overrides
-              until: str | None = None,        # stop after this step (one of STEPS)
-              verbose: bool = True, **train_options) -> dict:
-    "The CISC-R pipeline (Algorithm 2) under `out_dir`; resumable; returns and writes the summary `ciscr.json`."
-    out = Path(out_dir)
-    if model_select not in ("last", "best"): raise ValueError(f"model_select must be 'last' or 'best', got {model_select!r}")
-    if until is not None and until not in STEPS: raise ValueError(f"until must be one of {STEPS}, got {until!r}")
-    so = {s: {} for s in ("stage1", "stage2", "stage3")}
-    for k, v in (stage_options or {}).items():
-        if k not in so: raise ValueError(f"stage_options keys are stage1, stage2, stage3: got {k!r}")
-        so[k] = dict(v)
-    for k in ("method", "out_dir", "pseudo_labels"):
-        if k in train_options: raise ValueError(f"run_ciscr sets {k} itself")
-    if model_select == "best":
-        print("WARNING: " + BEST_WARNING, file=sys.stderr, flush=True)
-        if any(not {**train_options, **so[s]}.get("eval_every") for s in so):
-            raise ValueError("model_select=best needs eval_every > 0 in every stage (it picks ckpt/best.pt)")
-    log = (lambda *a: print(*a, flush=True)) if verbose else (lambda *a: None)
-    common = dict(min_area=min_area, query_classes=query_classes)
-    cfg = make_config({**train_options, "method": "ciscr_stage1"})[0]
-    device = get_device(cfg.device)
-    summary = dict(model_select=model_select, tta=tta, stages={}, pseudo={}, ran=[])
-    ran = summary["ran"]
+# %% ../../nbs/27_ciscr.ipynb #8962baef
+@patch
+def _stage1(self: CISCR):
+    "M0: `ciscr_stage1` on the labeled images."
+    self._stage("stage1", method="ciscr_stage1")
 
-    def stage(name, **kw):
-        d = out / name
-        fresh = not (d / "results.json").is_file()
-        res = run_stage(**{**train_options, **so[name], **kw, "out_dir": str(d)})
-        if fresh: ran.append(name); log(f"[ciscr] {name}: mIoU {res['miou']:.2f}")
-        summary["stages"][name] = dict(miou=res["miou"], iters=res["iters"], per_class_iou=res["per_class_iou"])
-        return res
+# %% ../../nbs/27_ciscr.ipynb #c7ff492c
+@patch
+def _pseudo0(self: CISCR):
+    "M0's pseudo labels of every unlabeled image (TTA at the training scales), and their quality."
+    o, scales = self.opts, tta_scales(self.cfg.scale)
 
-    def finish():
-        write_json(out / "ciscr.json", {k: v for k, v in summary.items() if k != "ran"})
-        return summary
-
-    # 1. M0
-    stage("stage1", method="ciscr_stage1", **common)
-    if until == "stage1": return finish()
-    unl = unlabeled_dataset(cfg)
-    nc = len(unl.class_names)
-    # 2. pseudo labels of M0
-    p0 = out / "pseudo0"
-    if not (p0 / "pseudo.json").is_file():
+    def make(d):
         t = time.time()
-        w = pseudo_label(load_net(_ckpt(out / "stage1", model_select), device), unl, p0, tta, device, scales=tta_scales(cfg.scale))
-        write_json(p0 / "pseudo.json", dict(source="stage1", tta=tta, scales=tta_scales(cfg.scale) if tta else None, **pseudo_label_miou(unl, p0, nc), wall_s=time.time() - t))
-        ran.append("pseudo0"); log(f"[ciscr] pseudo0: {w['written']} labels written ({w['skipped']} kept)")
-    summary["pseudo"]["m0_all"] = json.loads((p0 / "pseudo.json").read_text())["miou"]
-    if until == "pseudo0": return finish()
-    # 3. Algorithm 1
-    sd = out / "select"
-    if not (sd / "selection.json").is_file():
-        sd.mkdir(parents=True, exist_ok=True)
-        labeled = _pool_datasets(cfg, eval_transform())[0]
-        net0 = load_net(_ckpt(out / "stage1", model_select), device)
-        sel = select_reliable(net0, labeled, _with_masks(unl, p0), nc, min_area, skip_classes(cfg.dataset, query_classes), device)
-        write_json(sd / "query.json", {str(k): v for k, v in sel["query"].items()})
-        D.write_split(sd / "reliable.txt", sel["reliable"]); D.write_split(sd / "unreliable.txt", sel["unreliable"])
-        q = {h: pseudo_label_miou(_subset(unl, sel[h]), p0, nc)["miou"] for h in ("reliable", "unreliable")}
-        write_json(sd / "selection.json", dict(n_reliable=len(sel["reliable"]), n_unreliable=len(sel["unreliable"]),
-                                               m0_reliable=q["reliable"], m0_unreliable=q["unreliable"],
-                                               d_unlabeled=sel["d_unlabeled"], n_query={str(k): len(v) for k, v in sel["query"].items()}))
-        ran.append("select"); log(f"[ciscr] select: pseudo-label mIoU reliable {q['reliable']:.2f} / unreliable {q['unreliable']:.2f}")
-    s = json.loads((sd / "selection.json").read_text())
-    summary["pseudo"].update(m0_reliable=s["m0_reliable"], m0_unreliable=s["m0_unreliable"])
-    summary.update(n_reliable=s["n_reliable"], n_unreliable=s["n_unreliable"])
-    if until == "select": return finish()
-    # 4. M1 on labeled + reliable, teacher M0
-    rect = dict(method="ciscr_rectify", query_lists=str(sd / "query.json"), **common)
-    stage("stage2", teacher=str(_ckpt(out / "stage1", model_select)), pseudo_dir=str(p0),
-          unlabeled_ids=str(sd / "reliable.txt"), **rect)
-    if until == "stage2": return finish()
-    # 5. reliable keep M0's labels, unreliable relabelled by M1
-    p1 = out / "pseudo1"
-    if not (p1 / "pseudo.json").is_file():
-        p1.mkdir(parents=True, exist_ok=True)
+        w = pseudo_label(load_net(self._ckpt("stage1"), self.device), self.unl, d, o.tta, self.device, scales=scales)
+        write_json(d / "pseudo.json", dict(source="stage1", tta=o.tta, scales=scales if o.tta else None,
+                                           **pseudo_label_miou(self.unl, d, self.nc), wall_s=time.time() - t))
+        return f"{w['written']} labels written ({w['skipped']} kept)"
+    self.summary["pseudo"]["m0_all"] = self._resumable("pseudo0", "pseudo.json", make)["miou"]
+
+# %% ../../nbs/27_ciscr.ipynb #afea0aac
+@patch
+def _select(self: CISCR):
+    "Algorithm 1 with M0: the query lists, and the unlabeled images split into a reliable and an unreliable half."
+    o, p0 = self.opts, self.out / "pseudo0"
+
+    def make(d):
+        net0 = load_net(self._ckpt("stage1"), self.device)
+        sel = select_reliable(net0, self.labeled, self._unlabeled(pseudo_dir=p0), self.nc, o.min_area,
+                              skip_classes(self.cfg.dataset, o.query_classes), self.device)
+        write_json(d / "query.json", {str(k): v for k, v in sel["query"].items()})
+        D.write_split(d / "reliable.txt", sel["reliable"])
+        D.write_split(d / "unreliable.txt", sel["unreliable"])
+        q = {h: pseudo_label_miou(self._unlabeled(sel[h]), p0, self.nc)["miou"] for h in ("reliable", "unreliable")}
+        write_json(d / "selection.json", dict(n_reliable=len(sel["reliable"]), n_unreliable=len(sel["unreliable"]),
+                                              m0_reliable=q["reliable"], m0_unreliable=q["unreliable"],
+                                              d_unlabeled=sel["d_unlabeled"],
+                                              n_query={str(k): len(v) for k, v in sel["query"].items()}))
+        return f"pseudo-label mIoU reliable {q['reliable']:.2f} / unreliable {q['unreliable']:.2f}"
+    s = self._resumable("select", "selection.json", make)
+    self.summary["pseudo"].update(m0_reliable=s["m0_reliable"], m0_unreliable=s["m0_unreliable"])
+    self.summary.update(n_reliable=s["n_reliable"], n_unreliable=s["n_unreliable"])
+
+# %% ../../nbs/27_ciscr.ipynb #f78d2f6a
+@patch
+def _stage2(self: CISCR):
+    "M1: `ciscr_rectify` on the labeled and the reliable images, teacher M0."
+    sd = self.out / "select"
+    self._stage("stage2", method="ciscr_rectify", teacher=str(self._ckpt("stage1")),
+                pseudo_dir=str(self.out / "pseudo0"), unlabeled_ids=str(sd / "reliable.txt"),
+                query_lists=str(sd / "query.json"))
+
+# %% ../../nbs/27_ciscr.ipynb #2aafdacb
+@patch
+def _pseudo1(self: CISCR):
+    "The reliable images keep M0's labels, the unreliable ones are relabelled by M1; the quality of both."
+    o, p0, sd = self.opts, self.out / "pseudo0", self.out / "select"
+
+    def make(d):
         t = time.time()
-        for i in D.read_split(sd / "reliable.txt"): _copy(p0 / f"{i}.png", p1 / f"{i}.png")
-        unrel = _subset(unl, D.read_split(sd / "unreliable.txt"))
-        w = pseudo_label(load_net(_ckpt(out / "stage2", model_select), device), unrel, p1, tta, device, scales=tta_scales(cfg.scale))
-        write_json(p1 / "pseudo.json", dict(source="stage2 (unreliable) + pseudo0 (reliable)", tta=tta,
-                                            m1_unreliable=pseudo_label_miou(unrel, p1, nc)["miou"],
-                                            **pseudo_label_miou(unl, p1, nc), wall_s=time.time() - t))
-        ran.append("pseudo1"); log(f"[ciscr] pseudo1: {w['written']} unreliable images relabelled")
-    q1 = json.loads((p1 / "pseudo.json").read_text())
-    summary["pseudo"].update(m1_unreliable=q1["m1_unreliable"], after_all=q1["miou"])
-    if until == "pseudo1": return finish()
-    # 6. final model on everything, teacher M1
-    stage("stage3", teacher=str(_ckpt(out / "stage2", model_select)), pseudo_dir=str(p1), unlabeled_ids=None, **rect)
-    summary["miou"] = summary["stages"]["stage3"]["miou"]
-    return finish()
+        for i in D.read_split(sd / "reliable.txt"):
+            if not (d / f"{i}.png").is_file():
+                atomic_write(d / f"{i}.png", (p0 / f"{i}.png").read_bytes())
+        unrel = self._unlabeled(D.read_split(sd / "unreliable.txt"))
+        w = pseudo_label(load_net(self._ckpt("stage2"), self.device), unrel, d, o.tta, self.device,
+                         scales=tta_scales(self.cfg.scale))
+        write_json(d / "pseudo.json", dict(source="stage2 (unreliable) + pseudo0 (reliable)", tta=o.tta,
+                                           m1_unreliable=pseudo_label_miou(unrel, d, self.nc)["miou"],
+                                           **pseudo_label_miou(self.unl, d, self.nc), wall_s=time.time() - t))
+        return f"{w['written']} unreliable images relabelled"
+    q1 = self._resumable("pseudo1", "pseudo.json", make)
+    self.summary["pseudo"].update(m1_unreliable=q1["m1_unreliable"], after_all=q1["miou"])
 
-# %% ../../nbs/27_ciscr.ipynb #58cf8379
-PSEUDO_BARS = (("m0_all", "M0, all"), ("m0_reliable", "M0, reliable"), ("m0_unreliable", "M0, unreliable"),
-               ("m1_unreliable", "M1, unreliable"), ("after_all", "after, all"))
-
-def plot_pseudo_quality(summary: dict, ax=None, title: str | None = None):
-    "Bars of the pseudo-label mIoU (vs the hidden GT) recorded in a `run_ciscr` summary."
-    import matplotlib.pyplot as plt
-    ax = ax or plt.subplots(figsize=(5.5, 2.8))[1]
-    bars = [(lab, summary["pseudo"][k]) for k, lab in PSEUDO_BARS if summary["pseudo"].get(k) is not None]
-    r = ax.bar([b[0] for b in bars], [b[1] for b in bars], color=["#999", "#4a8", "#d84", "#48c", "#555"][:len(bars)])
-    ax.bar_label(r, fmt="%.1f", fontsize=8); ax.set_ylabel("pseudo-label mIoU (%)")
-    ax.tick_params(axis="x", labelsize=8); ax.set_title(title or "pseudo labels vs hidden ground truth", fontsize=9)
-    return ax
-
-# %% ../../nbs/27_ciscr.ipynb #e688a45f
-def main(argv: list[str] | None = None):
-    "Console entry point `semiseg-ciscr out_dir=... <train options> [stageN.key=value]`."
-    argv = sys.argv[1:] if argv is None else argv
-    d = {} if any(a in ("-h", "--help") for a in argv) else parse_args(argv)
-    if "out_dir" not in d:
-        raise SystemExit("usage: semiseg-ciscr out_dir=<dir> [config.yaml] [model_select=last|best] [tta=true] [until=<step>] "
-                         "<semiseg-train options> [stage1.iters=N stage2.key=value ...]")
-    out = d.pop("out_dir")
-    so = {}
-    for k in [k for k in d if "." in k]:
-        st, key = k.split(".", 1); so.setdefault(st, {})[key] = d.pop(k)
-    s = run_ciscr(out, stage_options=so, **d)
-    for name, r in s["stages"].items(): print(f"{name}: mIoU {r['miou']:.2f} ({r['iters']} iters)")
-    for k, lab in PSEUDO_BARS:
-        if s["pseudo"].get(k) is not None: print(f"pseudo labels {lab}: mIoU {s['pseudo'][k]:.2f}")
-
-# %% ../../nbs/27_ciscr.ipynb #2ec5af72
-if __name__ == "__main__": main()
+# %% ../../nbs/27_ciscr.ipynb #923803aa
+@patch
+def _stage3(self: CISCR):
+    "The final model: `ciscr_rectify` on the labeled and all unlabeled images, teacher M1."
+    res = self._stage("stage3", method="ciscr_rectify", teacher=str(self._ckpt("stage2")),
+                      pseudo_dir=str(self.out / "pseudo1"), unlabeled_ids=None,
+                      query_lists=str(self.out / "select" / "query.json"))
+    self.summary["miou"] = res["miou"]

@@ -10,8 +10,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 from fastcore.basics import patch
-from ..core import IGNORE_INDEX, register_method
-from ..train import Method
+from ..core import IGNORE_INDEX
+from ..method import Method, register
 from ..losses import ce_loss, cpc_loss, sigmoid_rampup
 from ..transforms import box_mask, mix
 from ..augment import StrongPasteOptions, StrongAndPaste
@@ -68,7 +68,7 @@ class CoTraining(Method):
         return logs
 
 # %% ../../nbs/21_cps.ipynb #b95eb806
-@register_method("cps")
+@register("cps", label="CPS", color="#1f77b4", weight="cps_weight", demo=True, order=1)
 class CPS(CoTraining):
     "Cross pseudo supervision: two networks, each supervised by the other's hard pseudo labels (± CutMix, ± UCC's)."
     term = "cps"                     # the logged loss is loss_cps
@@ -136,7 +136,7 @@ def forward(self: CPS, labeled, unlabeled, it):
             **self.agreement_logs(pseudo_x, pseudo_u), **pseudo_label_accuracy(pseudo_u[0], gt_u)}
 
 # %% ../../nbs/21_cps.ipynb #98149ca1
-@register_method("cps_cutmix")
+@register("cps_cutmix", label="CPS + CutMix", color="#0b3d91", weight="cps_weight", demo=True, order=2)
 class CPSCutMix(CPS):
     "The paper's CPS + CutMix: `cps` with `cutmix=true ws=false copy_paste=none` by default."
     @dataclass
@@ -146,13 +146,13 @@ class CPSCutMix(CPS):
         copy_paste: str = "none"
 
 # %% ../../nbs/21_cps.ipynb #8c33960c
-@register_method("sps")
+@register("sps", label="SPS", color="#9ecae1", weight="cps_weight", demo=True, order=4)
 class SPS(CPS):
     "Single-network pseudo supervision (the paper's down-graded CPS): one network, supervised by its own pseudo labels."
     n_nets, term = 1, "sps"
 
 # %% ../../nbs/21_cps.ipynb #86521fec
-@register_method("sps_cutmix")
+@register("sps_cutmix", label="SPS + CutMix", color="#6baed6", weight="cps_weight")
 class SPSCutMix(SPS):
     "The paper's SPS + CutMix: `sps` with `cutmix=true ws=false copy_paste=none` (gradient only via the mixed image)."
     @dataclass
@@ -162,7 +162,7 @@ class SPSCutMix(SPS):
         copy_paste: str = "none"
 
 # %% ../../nbs/21_cps.ipynb #22330cec
-@register_method("cpc")
+@register("cpc", label="CPC", color="#17becf", weight="cpc_weight", demo=True, order=3)
 class CPC(CoTraining):
     "Cross probability consistency: two networks' probability maps pulled together (squared L2, targets detached)."
     @dataclass

@@ -9,8 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
-from ..core import IGNORE_INDEX, register_method
-from ..train import Method
+from ..core import IGNORE_INDEX
+from ..method import Method, register
 from ..transforms import strong_photometric
 from ..pseudo import net_labels, pseudo_label_accuracy
 
@@ -24,7 +24,7 @@ def pseudo_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return ce.sum() / ce.numel()
 
 # %% ../../nbs/23_fixmatch.ipynb #cb2853d0
-@register_method("fixmatch")
+@register("fixmatch", label="FixMatch", color="#8c564b", weight="unsup_weight", demo=True, order=7)
 class FixMatch(Method):
     "Weak-view hard pseudo labels (confidence ≥ τ) supervise the strong view of the same network."
     needs_unlabeled = 1

@@ -10,8 +10,7 @@ import copy
 from dataclasses import dataclass
 import torch
 import torch.nn as nn
-from ..core import register_method
-from ..train import Method
+from ..method import Method, register
 from ..losses import softmax_mse, sigmoid_rampup
 from ..transforms import box_mask, mix
 
@@ -37,7 +36,7 @@ def ema_update(teacher: nn.Module, student: nn.Module, decay: float = 0.99, buff
             t.mul_(decay).add_(s, alpha=1 - decay)
 
 # %% ../../nbs/22_mean_teacher.ipynb #6b85864a
-@register_method("mt")
+@register("mt", label="Mean Teacher", color="#ff7f0e", weight="cons_weight", demo=True, order=5)
 class MeanTeacher(Method):
     "Mean teacher as TorchSemiSeg codes it: EMA teacher, softmax-MSE consistency on labeled + unlabeled images."
     needs_unlabeled = 1
@@ -92,7 +91,7 @@ def mixed_targets(net: nn.Module, u0: torch.Tensor, u1: torch.Tensor, mask: torc
     return mix(z0, z1, mask)
 
 # %% ../../nbs/22_mean_teacher.ipynb #b37109bd
-@register_method("cutmix_seg")
+@register("cutmix_seg", label="CutMix-Seg", color="#d62728", weight="cons_weight", demo=True, order=6)
 class CutMixSeg(MeanTeacher):
     "CutMix-Seg: mean teacher whose student predicts on CutMix-mixed unlabeled pairs, the targets mixed likewise."
     needs_unlabeled = 2

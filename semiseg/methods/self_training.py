@@ -6,155 +6,79 @@ Docs: https://semiseg.github.io/semiseg/self_training.html.md"""
 
 # %% ../../nbs/24_self_training.ipynb #86fa4d32
 from __future__ import annotations
-import json, statistics, sys, time
+import time
+from dataclasses import dataclass
 from pathlib import Path
-from torch.utils.data import DataLoader
-from ..core import get_device, get_method, load_checkpoint
-from .. import data as D
-from ..transforms import eval_transform
-from ..metrics import evaluate
-from ..train import (TrainConfig, Method, make_config, config_dict, parse_args, dataset_items, split_ids, build_data,
-                           collate, train, write_json)
+from ..core import get_device, read_json, write_json
+from ..data import unlabeled_data
+from ..metrics import PROTOCOLS
+from ..method import Pipeline, register
+from ..runs import load_run
 from ..pseudo import pseudo_label_miou, write_pseudo_labels
 
 # %% auto #0
-__all__ = ['RUNTIME_KEYS', 'BASELINE_RECIPE', 'unlabeled_dataset', 'run_stage', 'load_run', 'evaluate_run', 'self_training',
-           'main', 'run_baselines']
-
-# %% ../../nbs/24_self_training.ipynb #af4a76f5
-def unlabeled_dataset(cfg: TrainConfig) -> D.SegDataset:
-    "The unlabeled images of `cfg`'s partition at full size (eval transform), with their hidden ground truth."
-    items, nc, names, lmap, fixed, root = dataset_items(cfg, cfg.train_split)
-    by_id = {it[0]: it for it in items}
-    unl = split_ids(cfg, list(by_id))[1]
-    return D.SegDataset([by_id[i] for i in unl], transform=eval_transform(), label_map=lmap, class_names=names)
-
-# %% ../../nbs/24_self_training.ipynb #97ad5a2a
-RUNTIME_KEYS = {"workers", "device", "log_every", "ckpt_every", "eval_batch_size", "resume", "out_dir", "amp", "check_data"}  # don't change results
-
-def _json(d: dict) -> dict: return json.loads(json.dumps(d, default=str))
-
-def run_stage(**kw) -> dict:
-    "`train(**kw)` unless `out_dir/results.json` exists (then its results, after checking the config matches)."
-    out = Path(kw["out_dir"])
-    if (out / "results.json").is_file():
-        want, have = _json(config_dict(*make_config(kw))), json.loads((out / "config.json").read_text())
-        diff = sorted(k for k in want if k not in RUNTIME_KEYS and k in have and want[k] != have[k])  # options newer than the run: not compared
-        if diff: raise ValueError(f"{out} holds a finished run with other options ({', '.join(f'{k}={have.get(k)!r} not {want[k]!r}' for k in diff)}): use another out_dir")
-        return json.loads((out / "results.json").read_text())
-    return train(**kw)
-
-def load_run(run_dir, device="cpu") -> Method:
-    "The method of a run directory (config.json + ckpt/last.pt), weights loaded, in eval mode."
-    run_dir = Path(run_dir)
-    d = json.loads((run_dir / "config.json").read_text())
-    cfg, opts = make_config({**d, "pretrained": None})
-    res = run_dir / "results.json"
-    nc = len(json.loads(res.read_text())["class_names"]) if res.is_file() else dataset_items(cfg, cfg.train_split)[1]
-    m = get_method(cfg.method)(cfg, opts, nc)
-    m.load_state_dict(load_checkpoint(run_dir / "ckpt" / "last.pt")["model"])
-    return m.to(device).eval()
-
-def evaluate_run(run_dir, net: str | None = None, device="cpu") -> dict:
-    "Evaluate a run's network on its validation set: `eval_model()`, or the method's attribute `net` (e.g. 'net', 'teacher')."
-    m = load_run(run_dir, device)
-    cfg = m.cfg
-    data = build_data(cfg)
-    loader = DataLoader(data.val, batch_size=16 if data.fixed_size else 1, collate_fn=collate)
-    model = m.eval_model() if net is None else getattr(m, net)
-    return evaluate(model, loader, data.num_classes, protocol=cfg.eval_protocol, device=device,
-                    **(dict(crop=cfg.eval_crop) if cfg.eval_protocol == "slide" else {}))
+__all__ = ['SelfTraining']
 
 # %% ../../nbs/24_self_training.ipynb #effa6326
-def self_training(out_dir, rounds: int = 2,
-                  method: str | list = "supervised",  # method of every stage, or one per stage (rounds + 1)
-                  pl_protocol: str = "whole",         # how the pseudo labels are predicted: whole | slide | msf
-                  pl_thresh: float = 0.0,             # confidence below which a pseudo label is 255 (ignored)
-                  stage_options: list | None = None,  # per-stage option overrides (rounds + 1 dicts)
-                  verbose: bool = True, **train_options) -> dict:
-    "Multi-round self-training over `train`; resumable; returns and writes the summary (self_training.json)."
-    out = Path(out_dir)
-    methods = [method] * (rounds + 1) if isinstance(method, str) else list(method)
-    stage_options = stage_options or [{}] * (rounds + 1)
-    if len(methods) != rounds + 1 or len(stage_options) != rounds + 1:
-        raise ValueError(f"rounds={rounds} needs {rounds + 1} stages: got {len(methods)} methods, {len(stage_options)} stage_options")
-    if "pseudo_labels" in train_options or "out_dir" in train_options: raise ValueError("self_training sets pseudo_labels and out_dir itself")
-    log = (lambda *a: print(*a, flush=True)) if verbose else (lambda *a: None)
-    summary, ran, pl_dir = dict(stages=[], pseudo=[]), [], None
-    for r in range(rounds + 1):
-        if r > 0:
-            prev, pl_dir = out / f"stage{r - 1}", out / f"pseudo{r}"
-            if (pl_dir / "pseudo.json").is_file(): q = json.loads((pl_dir / "pseudo.json").read_text())
-            else:
-                m = load_run(prev, get_device(train_options.get("device", "auto")))
-                ds = unlabeled_dataset(m.cfg)
-                t = time.time()
-                w = write_pseudo_labels(m.eval_model(), ds, pl_dir, pl_protocol, pl_thresh,
-                                        workers=min(train_options.get("workers", 0), 2))
-                q = dict(round=r, source=str(prev), protocol=pl_protocol, thresh=pl_thresh,
-                         **pseudo_label_miou(ds, pl_dir, m.num_classes), wall_s=time.time() - t)
-                write_json(pl_dir / "pseudo.json", q); ran.append(f"pseudo{r}")
-                log(f"[self-training] round {r}: {w['written']} pseudo labels written ({w['skipped']} already there), mIoU {q['miou']:.2f} vs hidden GT")
-            summary["pseudo"].append(q)
-        sdir = out / f"stage{r}"
-        done = (sdir / "results.json").is_file()
-        res = run_stage(**{**train_options, **stage_options[r], "method": methods[r], "out_dir": str(sdir),
-                           "pseudo_labels": str(pl_dir) if pl_dir else None})
-        if not done: ran.append(f"stage{r}"); log(f"[self-training] stage {r} ({methods[r]}): mIoU {res['miou']:.2f}")
-        summary["stages"].append(res)
-    summary.update(miou=summary["stages"][-1]["miou"], rounds=rounds, methods=methods, ran=ran)
-    write_json(out / "self_training.json", {k: v for k, v in summary.items() if k != "ran"})
-    return summary
+@register("self_training", label="Self-training", color="#c49c94", demo=True, order=10)
+class SelfTraining(Pipeline):
+    "Multi-round self-training: train, label the unlabeled images, retrain on labels + pseudo labels, repeat."
+    @dataclass
+    class Options(Pipeline.Options):
+        rounds: int = 2                         # pseudo-labelling rounds: rounds + 1 training stages
+        stage_method: str | list = "supervised" # the method of every stage, or one per stage (rounds + 1)
+        pl_protocol: str = "whole"              # how the pseudo labels are predicted: whole | slide | msf
+        pl_thresh: float = 0.0                  # confidence below which a pseudo label is 255 (ignored)
 
-# %% ../../nbs/24_self_training.ipynb #e3690664
-def main(argv: list[str] | None = None):
-    "Command line: `python -m semiseg.methods.self_training out_dir=... rounds=2 method=... <train options>`."
-    from semiseg.core import load_methods
-    load_methods()
-    d = parse_args(sys.argv[1:] if argv is None else argv)
-    if "out_dir" not in d: raise SystemExit("usage: python -m semiseg.methods.self_training out_dir=<dir> [rounds=2] [method=supervised] [pl_protocol=whole] [pl_thresh=0] <train options>")
-    s = self_training(d.pop("out_dir"), **d)
-    for r, res in enumerate(s["stages"]):
-        q = f", pseudo labels {s['pseudo'][r - 1]['miou']:.2f}" if r else ""
-        print(f"stage {r} ({res['method']}{q}): mIoU {res['miou']:.2f}")
+        def __post_init__(self):
+            if self.rounds < 0:
+                raise ValueError(f"rounds={self.rounds}: must be 0 or more")
+            if self.pl_protocol not in PROTOCOLS:
+                raise ValueError(f"pl_protocol={self.pl_protocol!r}: must be one of {', '.join(PROTOCOLS)}")
+            if not isinstance(self.stage_method, str) and len(self.stage_method) != self.rounds + 1:
+                raise ValueError(f"rounds={self.rounds} needs {self.rounds + 1} stages: got "
+                                 f"{len(self.stage_method)} stage methods")
 
-# %% ../../nbs/24_self_training.ipynb #da277e49
-BASELINE_RECIPE = dict(dataset="synthetic", labeled="1/16", iters=2000, optimizer="adamw", lr=0.002,
-                       batch_size=8, batch_size_u=8, workers=1, log_every=100)
+    def stages(self) -> dict[str, str]:
+        o = self.opts
+        methods = [o.stage_method] * (o.rounds + 1) if isinstance(o.stage_method, str) else list(o.stage_method)
+        return {f"stage{r}": m for r, m in enumerate(methods)}
 
-def _mean_std(v):
-    v = [x for x in v if x is not None]
-    if not v: return "–"
-    return f"{statistics.mean(v):.1f} ± {statistics.stdev(v):.1f}" if len(v) > 1 else f"{v[0]:.1f}"
+    def run(self, out_dir, train_options: dict, run_stage) -> dict:
+        if "pseudo_labels" in train_options:
+            raise ValueError("method=self_training sets pseudo_labels itself")
+        out, so = Path(out_dir), self.opts.stage_options or {}
+        summary, pl_dir = dict(stages=[], pseudo=[], pseudo_quality=[], ran=[]), None
+        for r, (stage, method) in enumerate(self.stages().items()):
+            if r > 0:
+                pl_dir = out / f"pseudo{r}"
+                q = self.label(out / f"stage{r - 1}", pl_dir, r, train_options, summary["ran"])
+                summary["pseudo"].append(q)
+                summary["pseudo_quality"].append(dict(subset=f"round {r}", pl_miou=q["miou"]))
+            fresh = not (out / stage / "results.json").is_file()
+            res = run_stage(**{**train_options, **so.get(stage, {}), "method": method, "out_dir": str(out / stage),
+                               "pseudo_labels": str(pl_dir) if pl_dir else None})
+            if fresh:
+                summary["ran"].append(stage)
+                print(f"[self-training] {stage} ({method}): mIoU {res['miou']:.2f}", flush=True)
+            summary["stages"].append(res)
+        summary.update(miou=summary["stages"][-1]["miou"], rounds=self.opts.rounds, methods=list(self.stages().values()))
+        write_json(out / "self_training.json", {k: v for k, v in summary.items() if k != "ran"})
+        return summary
 
-def run_baselines(out_root, methods=("supervised", "mt", "cutmix_seg", "fixmatch", "self_training"), seeds=(0, 1, 2),
-                  rounds: int = 2, **overrides) -> str:
-    "Train `methods` × `seeds` with `BASELINE_RECIPE` (+ overrides) under `out_root`; a markdown table of mIoU."
-    import semiseg.methods.mean_teacher, semiseg.methods.fixmatch  # register the methods
-    out_root, rows = Path(out_root), {}
-    for name in methods:
-        for seed in seeds:
-            kw = {**BASELINE_RECIPE, **overrides, "seed": seed}
-            d = out_root / f"{name}-s{seed}"
-            if name == "self_training":
-                s = self_training(d, rounds=rounds, verbose=False, **kw)
-                rows.setdefault(name, []).append((s["miou"], [q["miou"] for q in s["pseudo"]]))
-            else:
-                res = run_stage(method=name, out_dir=str(d), **kw)
-                rows.setdefault(name, []).append((res["miou"], [evaluate_run(d, "net")["miou"]] if name in ("mt", "cutmix_seg") else []))
-    base = [r[0] for r in rows.get("supervised", [])]
-    iters = {**BASELINE_RECIPE, **overrides}["iters"]
-    lines = ["| method | mIoU (mean ± std) | per seed | Δ vs supervised | training iterations | notes (mean ± std) |",
-             "|---|---|---|---|---|---|"]
-    for name, rs in rows.items():
-        m = [r[0] for r in rs]
-        delta = f"{statistics.mean(m) - statistics.mean(base):+.1f}" if base and name != "supervised" else ""
-        if name == "self_training": note = "; ".join(f"pseudo labels round {k + 1}: {_mean_std([r[1][k] for r in rs])}" for k in range(rounds))
-        elif name in ("mt", "cutmix_seg"): note = f"student: {_mean_std([r[1][0] for r in rs])} (teacher evaluated)"
-        else: note = ""
-        its = f"{rounds + 1} × {iters}" if name == "self_training" else f"{iters}"
-        lines.append(f"| {name} | {_mean_std(m)} | {' / '.join(f'{x:.1f}' for x in m)} | {delta} | {its} | {note} |")
-    return "\n".join(lines)
-
-# %% ../../nbs/24_self_training.ipynb #3ea9fba2
-if __name__ == "__main__": main()
+    def label(self, source: Path, pl_dir: Path, r: int, train_options: dict, ran: list) -> dict:
+        "Round `r`'s pseudo labels by the model of `source` into `pl_dir`, and their quality (resumable)."
+        done = read_json(pl_dir / "pseudo.json", None)
+        if done is not None:
+            return done
+        m = load_run(source, device=get_device(train_options.get("device", "auto")))
+        ds, t, o = unlabeled_data(m.cfg), time.time(), self.opts
+        w = write_pseudo_labels(m.eval_model(), ds, pl_dir, o.pl_protocol, o.pl_thresh,
+                                workers=min(train_options.get("workers", 0), 2))
+        q = dict(round=r, source=str(source), protocol=o.pl_protocol, thresh=o.pl_thresh,
+                 **pseudo_label_miou(ds, pl_dir, m.num_classes), wall_s=time.time() - t)
+        write_json(pl_dir / "pseudo.json", q)
+        ran.append(pl_dir.name)
+        print(f"[self-training] round {r}: {w['written']} pseudo labels written ({w['skipped']} already there), "
+              f"mIoU {q['miou']:.2f} vs hidden GT", flush=True)
+        return q

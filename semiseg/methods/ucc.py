@@ -11,8 +11,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from fastcore.basics import patch
-from ..core import IGNORE_INDEX, register_method
-from ..train import Method
+from ..core import IGNORE_INDEX
+from ..method import Method, register
 from ..augment import StrongPasteOptions, StrongAndPaste
 from ..pseudo import confident_labels
 
@@ -161,7 +161,7 @@ def ucc_views(ws: bool = True, strong_shared: bool = False, pseudo_view: str = "
     return weak_teacher(views) if pseudo_view == "weak" else views
 
 # %% ../../nbs/26_ucc.ipynb #67d00d3f
-@register_method("ucc")
+@register("ucc", label="UCC", color="#9467bd", weight="ucc_weight", demo=True, order=9)
 class UCC(Method):
     "Uncertainty guided Cross-head Co-training: one backbone, two heads, weak→strong cross pseudo labels, DCSCP, UGRM."
     needs_unlabeled = 1
