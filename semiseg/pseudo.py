@@ -18,10 +18,11 @@ from torch.utils.data import DataLoader, Subset
 from .core import IGNORE_INDEX
 from . import data as D
 from .metrics import ConfusionMatrix, predict
+from .models import forward_parts
 from .transforms import mix
 
 # %% auto #0
-__all__ = ['TTA', 'confident_labels', 'hard_labels', 'forward_parts', 'eval_mode', 'net_labels', 'mixed_net_labels', 'agreement',
+__all__ = ['TTA', 'confident_labels', 'hard_labels', 'eval_mode', 'net_labels', 'mixed_net_labels', 'agreement',
            'pseudo_label_accuracy', 'save_label_png', 'write_pseudo_labels', 'pseudo_label_miou', 'tta_scales',
            'pseudo_label']
 
@@ -41,13 +42,6 @@ def hard_labels(logits: torch.Tensor,             # (B,C,H,W)
     labels, conf = confident_labels(logits)
     return labels.masked_fill(conf < thresh, IGNORE_INDEX)
 
-# %% ../nbs/07_pseudo.ipynb #7fb988d3
-def forward_parts(net: nn.Module, *xs: torch.Tensor, joint: bool = True) -> list[torch.Tensor]:
-    "Logits of `net` on each batch of `xs`: one call on their concatenation (`joint`) or one call per batch."
-    if joint and len(xs) > 1:
-        return list(net(torch.cat(xs)).split([len(x) for x in xs]))
-    return [net(x) for x in xs]
-
 # %% ../nbs/07_pseudo.ipynb #6bed33e6
 @contextmanager
 def eval_mode(net: nn.Module, enabled: bool = True):
@@ -63,19 +57,19 @@ def eval_mode(net: nn.Module, enabled: bool = True):
 # %% ../nbs/07_pseudo.ipynb #34c84f29
 @torch.no_grad()
 def net_labels(net: nn.Module, *xs: torch.Tensor,
-               joint: bool = True,          # one forward call on the concatenated batches
+               mode: str = "parts",         # how the batches share a forward call (`semiseg.models.forward_parts`)
                bn_eval: bool = False,       # BatchNorm in eval mode for this pass (official CPS code: train mode)
                thresh: float | None = None  # see `hard_labels`
               ) -> list[torch.Tensor]:
     "Hard labels (B,H,W) of `net` on each batch of `xs`, without gradient."
     with eval_mode(net, bn_eval):
-        return [hard_labels(lo, thresh) for lo in forward_parts(net, *xs, joint=joint)]
+        return [hard_labels(lo, thresh) for lo in forward_parts(net, *xs, mode=mode)]
 
 # %% ../nbs/07_pseudo.ipynb #c0c66316
 def mixed_net_labels(net: nn.Module, u0: torch.Tensor, u1: torch.Tensor, mask: torch.Tensor,
-                     joint: bool = True, bn_eval: bool = False) -> torch.Tensor:
+                     mode: str = "parts", bn_eval: bool = False) -> torch.Tensor:
     "Pseudo labels (B,H,W) of `mix(u0, u1, mask)`: the hard labels of `net` on each source image, mixed likewise."
-    return mix(*net_labels(net, u0, u1, joint=joint, bn_eval=bn_eval), mask)
+    return mix(*net_labels(net, u0, u1, mode=mode, bn_eval=bn_eval), mask)
 
 # %% ../nbs/07_pseudo.ipynb #4ec387bb
 def agreement(y1: torch.Tensor, y2: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Two networks, each trained on the other's hard pseudo labels (Chen et al., CVPR 2021), with the paper's CutMix variant, UCC's weak→strong view and copy-paste (on by default: the CPU benchmark needs them), and the two comparison points the paper defines: cross probability consistency and single-network pseudo supervision.
+"""Two networks, each trained on the other's hard pseudo labels (Chen et al., CVPR 2021), with the paper's CutMix variant and the two comparison points the paper defines: cross probability consistency and single-network pseudo supervision; and semiseg's recipe that adds UCC's weak→strong view and copy-paste.
 
 Docs: https://semiseg.github.io/semiseg/cps.html.md"""
 
@@ -15,10 +15,11 @@ from ..method import Method, register
 from ..losses import ce_loss, cpc_loss, sigmoid_rampup
 from ..transforms import box_mask, mix
 from ..augment import StrongPasteOptions, StrongAndPaste
-from ..pseudo import agreement, forward_parts, hard_labels, mixed_net_labels, net_labels, pseudo_label_accuracy
+from ..models import FORWARD_MODES, forward_parts
+from ..pseudo import agreement, hard_labels, mixed_net_labels, net_labels, pseudo_label_accuracy
 
 # %% auto #0
-__all__ = ['CoTraining', 'CPS', 'CPSCutMix', 'SPS', 'SPSCutMix', 'CPC']
+__all__ = ['CoTraining', 'CPS', 'CPSCutMix', 'SPS', 'SPSCutMix', 'CPSUCCAug', 'SPSUCCAug', 'CPC']
 
 # %% ../../nbs/21_cps.ipynb #afe84472
 class CoTraining(Method):
@@ -31,6 +32,7 @@ class CoTraining(Method):
         self.nets = nn.ModuleList([self.make_net() for _ in range(self.n_nets)])
         self.weight, self.on_labeled, self.on_unlabeled, self.cutmix = weight, on_labeled, on_unlabeled, cutmix
         self.needs_unlabeled = (2 if cutmix else 1) if on_unlabeled else 0
+        self.unlabeled_first = cutmix    # the official CutMix code runs the mixed batch before the labeled one
 
     def eval_model(self) -> nn.Module:
         return self.nets[0]
@@ -42,9 +44,12 @@ class CoTraining(Method):
     def predict(self, x: torch.Tensor, xu: torch.Tensor | list | None = None):
         "Logits of every network on the labeled and the unlabeled batch (or one per network): ([P_k^l], [P_k^u])."
         xus = xu if isinstance(xu, list) else [xu] * self.n_nets
-        out = [forward_parts(net, *([x] if u is None else [x, u]), joint=self.opts.joint_forward)
-               for net, u in zip(self.nets, xus)]
-        return [o[0] for o in out], [o[1] if u is not None else None for o, u in zip(out, xus)]
+        out = []
+        for net, u in zip(self.nets, xus):
+            flip = self.unlabeled_first and u is not None
+            logits = forward_parts(net, *([x] if u is None else [u, x] if flip else [x, u]), mode=self.opts.forward)
+            out.append(logits[::-1] if flip else logits)                   # (labeled, unlabeled) either way
+        return [o[0] for o in out], [o[1] if len(o) > 1 else None for o in out]
 
     @staticmethod
     def labels_of(preds: list) -> list:
@@ -70,30 +75,35 @@ class CoTraining(Method):
 # %% ../../nbs/21_cps.ipynb #b95eb806
 @register("cps", label="CPS", color="#1f77b4", weight="cps_weight", demo=True, order=1)
 class CPS(CoTraining):
-    "Cross pseudo supervision: two networks, each supervised by the other's hard pseudo labels (± CutMix, ± UCC's)."
+    "Cross pseudo supervision: two networks, each supervised by the other's hard pseudo labels (± CutMix)."
     term = "cps"                     # the logged loss is loss_cps
+    paper_weight = dict(cityscapes=6.0, default=1.5)   # λ when cps_weight is unset: the paper (= the official code)
 
     @dataclass
     class Options(StrongPasteOptions):
-        cps_weight: float = 1.5      # λ: 1.5 VOC, 6 Cityscapes in the paper; official CutMix configs: 1 (VOC), 5 (City)
-        cps_labeled: bool | None = None  # L^l_cps on the labeled batch too (None: yes unless CutMix or weak→strong)
+        cps_weight: float | None = None  # λ; unset: the paper's value for the dataset (`paper_weight`)
+        cps_labeled: bool | None = None  # L^l_cps on the labeled batch too (unset: yes unless CutMix or weak→strong)
         cps_unlabeled: bool = True   # L^u_cps: pseudo supervision on the unlabeled batch
         cutmix: bool = False         # CPS + CutMix: pseudo labels of a CutMixed pair of unlabeled batches
-        ws: bool = True              # weak→strong: weak-view pseudo labels teach the other network's strong view
-        copy_paste: str = "dcscp"    # labeled objects pasted into the images (UCC's DCSCP modes); none: the paper
+        ws: bool = False             # weak→strong (UCC's): weak-view pseudo labels teach the other network's strong view
+        copy_paste: str = "none"     # labeled objects pasted into the images (UCC's modes: none cp dcp cscp dcscp)
         bn_eval: bool = False        # pseudo-label pass (CutMix, weak→strong) with BatchNorm in eval mode (code: train)
-        joint_forward: bool = True   # one forward per network on labeled + unlabeled (false: one per batch, official)
+        forward: str = "parts"       # parts | separate | joint: how a network sees labeled + unlabeled (forward_parts)
         rampup: int = 0              # sigmoid ramp-up of λ over this many iterations (0: constant, as paper and code)
 
         def __post_init__(self):
             super().__post_init__()
+            if self.forward not in FORWARD_MODES:
+                raise ValueError(f"forward must be one of {', '.join(FORWARD_MODES)}, got {self.forward!r}")
             for name, value in (("cps_weight", self.cps_weight), ("rampup", self.rampup)):
-                if value < 0:
+                if value is not None and value < 0:
                     raise ValueError(f"{name} must be >= 0, got {value!r}")
 
     def __init__(self, cfg, opts, num_classes):
         on_l = not (opts.cutmix or opts.ws) if opts.cps_labeled is None else opts.cps_labeled
-        super().__init__(cfg, opts, num_classes, opts.cps_weight, on_l, opts.cps_unlabeled, opts.cutmix)
+        lam = self.paper_weight.get(cfg.dataset, self.paper_weight["default"]) if opts.cps_weight is None else \
+            opts.cps_weight
+        super().__init__(cfg, opts, num_classes, lam, on_l, opts.cps_unlabeled, opts.cutmix)
         self.aug = StrongAndPaste(opts, num_classes)
 
 # %% ../../nbs/21_cps.ipynb #6d83b4a7
@@ -109,7 +119,7 @@ def unlabeled_input(self: CPS, unlabeled):
         return img_u, pseudo_u, unlabeled[0].get("mask")
     img_u0, img_u1 = unlabeled[0]["image"], unlabeled[1]["image"]
     box_u = box_mask(len(img_u0), *img_u0.shape[-2:]).to(img_u0.device)       # CutMix boxes, 1 = take U1
-    pseudo_mix = [mixed_net_labels(f, img_u0, img_u1, box_u, o.joint_forward, o.bn_eval) for f in self.nets]
+    pseudo_mix = [mixed_net_labels(f, img_u0, img_u1, box_u, o.forward, o.bn_eval) for f in self.nets]
     gt_u0, gt_u1 = unlabeled[0].get("mask"), unlabeled[1].get("mask")
     gt_mix = mix(gt_u0, gt_u1, box_u) if gt_u0 is not None and gt_u1 is not None else None
     return mix(img_u0, img_u1, box_u), pseudo_mix, gt_mix                        # X_m = U0 (1-M) + U1 M
@@ -138,12 +148,12 @@ def forward(self: CPS, labeled, unlabeled, it):
 # %% ../../nbs/21_cps.ipynb #98149ca1
 @register("cps_cutmix", label="CPS + CutMix", color="#0b3d91", weight="cps_weight", demo=True, order=2)
 class CPSCutMix(CPS):
-    "The paper's CPS + CutMix: `cps` with `cutmix=true ws=false copy_paste=none` by default."
+    "The paper's CPS + CutMix: `cps` with `cutmix=true`, λ of the official CutMix configs by default."
+    paper_weight = dict(cityscapes=5.0, default=1.0)   # the official CutMix configs (the text: 6 and 1.5)
+
     @dataclass
     class Options(CPS.Options):
         cutmix: bool = True
-        ws: bool = False
-        copy_paste: str = "none"
 
 # %% ../../nbs/21_cps.ipynb #8c33960c
 @register("sps", label="SPS", color="#9ecae1", weight="cps_weight", demo=True, order=4)
@@ -154,12 +164,28 @@ class SPS(CPS):
 # %% ../../nbs/21_cps.ipynb #86521fec
 @register("sps_cutmix", label="SPS + CutMix", color="#6baed6", weight="cps_weight")
 class SPSCutMix(SPS):
-    "The paper's SPS + CutMix: `sps` with `cutmix=true ws=false copy_paste=none` (gradient only via the mixed image)."
+    "The paper's SPS + CutMix: `sps` with `cutmix=true` (gradient only via the mixed image), λ as SPS."
     @dataclass
     class Options(SPS.Options):
         cutmix: bool = True
-        ws: bool = False
-        copy_paste: str = "none"
+
+# %% ../../nbs/21_cps.ipynb #d3585b15
+@register("cps_ucc_aug", label="CPS + UCC aug.", color="#bcbd22", weight="cps_weight", demo=True, order=20)
+class CPSUCCAug(CPS):
+    "semiseg's recipe: CPS with UCC's weak→strong view and DCSCP copy-paste (`cps ws=true copy_paste=dcscp`)."
+    @dataclass
+    class Options(CPS.Options):
+        ws: bool = True
+        copy_paste: str = "dcscp"
+
+# %% ../../nbs/21_cps.ipynb #06889734
+@register("sps_ucc_aug", label="SPS + UCC aug.", color="#dbdb8d", weight="cps_weight", order=21)
+class SPSUCCAug(SPS):
+    "semiseg's recipe with one network: SPS with UCC's weak→strong view and DCSCP (`sps ws=true copy_paste=dcscp`)."
+    @dataclass
+    class Options(SPS.Options):
+        ws: bool = True
+        copy_paste: str = "dcscp"
 
 # %% ../../nbs/21_cps.ipynb #22330cec
 @register("cpc", label="CPC", color="#17becf", weight="cpc_weight", demo=True, order=3)
@@ -170,10 +196,12 @@ class CPC(CoTraining):
         cpc_weight: float = 5.0      # λ of L_cpc (the paper gives none: GCT's 100 on a 21-class element-mean MSE ≈ 5)
         cpc_labeled: bool = True     # L^l_cpc on the labeled batch
         cpc_unlabeled: bool = True   # L^u_cpc on the unlabeled batch
-        joint_forward: bool = True   # one forward per network on labeled ⊕ unlabeled
+        forward: str = "parts"       # parts | separate | joint: how a network sees labeled + unlabeled (forward_parts)
         rampup: int = 0              # sigmoid ramp-up of λ over this many iterations
 
         def __post_init__(self):
+            if self.forward not in FORWARD_MODES:
+                raise ValueError(f"forward must be one of {', '.join(FORWARD_MODES)}, got {self.forward!r}")
             for name, value in (("cpc_weight", self.cpc_weight), ("rampup", self.rampup)):
                 if value < 0:
                     raise ValueError(f"{name} must be >= 0, got {value!r}")

@@ -1,4 +1,4 @@
-"""One network labels the weak view of an unlabeled image with its own confident predictions and learns to reproduce them on a strongly recoloured view of the same image (PseudoSeg / FixMatch as the CPS paper's eq. 10 and UniMatch's `fixmatch.py` describe it).
+"""One network labels the weak view of an unlabeled image with its own confident predictions and learns to reproduce them on a strongly augmented view of the same image, with a CutMix box from a second unlabeled image: FixMatch for segmentation as UniMatch's `fixmatch.py` computes it, the implementation people compare against.
 
 Docs: https://semiseg.github.io/semiseg/fixmatch.html.md"""
 
@@ -7,15 +7,17 @@ Docs: https://semiseg.github.io/semiseg/fixmatch.html.md"""
 # %% ../../nbs/23_fixmatch.ipynb #c2a612dc
 from __future__ import annotations
 from dataclasses import dataclass
+from fastcore.basics import patch
 import torch
 import torch.nn.functional as F
 from ..core import IGNORE_INDEX
 from ..method import Method, register
-from ..transforms import strong_photometric
-from ..pseudo import net_labels, pseudo_label_accuracy
+from ..models import FORWARD_MODES, forward_parts
+from ..transforms import mix, strong_photometric
+from ..pseudo import confident_labels, eval_mode, pseudo_label_accuracy
 
 # %% auto #0
-__all__ = ['pseudo_ce', 'FixMatch']
+__all__ = ['pseudo_ce', 'cutmix_box', 'FixMatch']
 
 # %% ../../nbs/23_fixmatch.ipynb #480501a3
 def pseudo_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -23,36 +25,73 @@ def pseudo_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     ce = F.cross_entropy(logits, labels, reduction="none", ignore_index=IGNORE_INDEX)
     return ce.sum() / ce.numel()
 
+# %% ../../nbs/23_fixmatch.ipynb #f256ccde
+def cutmix_box(batch: int, h: int, w: int, p: float = 0.5, area=(0.02, 0.4), ratio=(0.3, 1 / 0.3),
+               generator: torch.Generator | None = None) -> torch.Tensor:
+    "UniMatch's CutMix boxes (batch, 1, h, w) of 0/1 floats: with probability `p` one box per image, else none."
+    g, out = generator, torch.zeros(batch, 1, h, w)
+    for b in range(batch):
+        if float(torch.rand((), generator=g)) >= p:
+            continue
+        size = float(torch.empty(()).uniform_(*area, generator=g)) * h * w
+        while True:                                   # rejection sampling of a box that fits
+            r = float(torch.empty(()).uniform_(*ratio, generator=g))
+            bw, bh = int((size / r) ** 0.5), int((size * r) ** 0.5)
+            x0, y0 = int(torch.randint(w, (), generator=g)), int(torch.randint(h, (), generator=g))
+            if x0 + bw <= w and y0 + bh <= h:
+                break
+        out[b, 0, y0:y0 + bh, x0:x0 + bw] = 1
+    return out
+
 # %% ../../nbs/23_fixmatch.ipynb #cb2853d0
 @register("fixmatch", label="FixMatch", color="#8c564b", weight="unsup_weight", demo=True, order=7)
 class FixMatch(Method):
-    "Weak-view hard pseudo labels (confidence ≥ τ) supervise the strong view of the same network."
-    needs_unlabeled = 1
+    "UniMatch's FixMatch: weak-view pseudo labels (confidence ≥ τ) supervise a strong view with a CutMix box."
+    needs_unlabeled = 2                   # the second unlabeled batch fills the CutMix boxes
 
     @dataclass
     class Options:
-        conf_thresh: float = 0.95     # τ: pixels whose weak-view confidence is below it do not count
-        unsup_weight: float = 1.0     # λ_u
+        conf_thresh: float | None = None  # τ; unset: UniMatch's 0.95, or 0 on cityscapes
+        unsup_weight: float = 1.0         # λ_u
+        cutmix_p: float = 0.5             # probability that a strong view gets a CutMix box (0: none)
+        forward: str = "joint"            # joint (UniMatch: labeled ⊕ weak share BatchNorm statistics) | parts | separate
 
         def __post_init__(self):
-            if not 0 <= self.conf_thresh <= 1:
+            if self.conf_thresh is not None and not 0 <= self.conf_thresh <= 1:
                 raise ValueError(f"conf_thresh must be in [0, 1] (a softmax confidence), got {self.conf_thresh!r}")
+            if not 0 <= self.cutmix_p <= 1:
+                raise ValueError(f"cutmix_p must be in [0, 1], got {self.cutmix_p!r}")
             if self.unsup_weight < 0:
                 raise ValueError(f"unsup_weight must be >= 0, got {self.unsup_weight!r}")
+            if self.forward not in FORWARD_MODES:
+                raise ValueError(f"forward must be one of {', '.join(FORWARD_MODES)}, got {self.forward!r}")
 
     def __init__(self, cfg, opts, num_classes):
         super().__init__(cfg, opts, num_classes)
         self.net = self.make_net()
-
-    def forward(self, labeled, unlabeled, it):
-        img_x, mask_x, img_u_w = labeled["image"], labeled["mask"], unlabeled[0]["image"]
-        mask_u_w, = net_labels(self.net, img_u_w, thresh=self.opts.conf_thresh)   # no gradient; 255 if unsure
-        pred = self.net(torch.cat([img_x, strong_photometric(img_u_w)]))
-        pred_x, pred_u_s = pred[:len(img_x)], pred[len(img_x):]
-        return {"loss_sup": self.sup_loss(pred_x, mask_x),
-                "loss_unsup": self.opts.unsup_weight * pseudo_ce(pred_u_s, mask_u_w),
-                "mask_ratio": (mask_u_w != IGNORE_INDEX).float().mean(),
-                **pseudo_label_accuracy(mask_u_w, unlabeled[0].get("mask"))}   # diagnostic: the kept labels
+        default = 0.0 if cfg.dataset == "cityscapes" else 0.95
+        self.tau = default if opts.conf_thresh is None else opts.conf_thresh
 
     def eval_model(self):
         return self.net
+
+# %% ../../nbs/23_fixmatch.ipynb #87e30972
+@patch
+def forward(self: FixMatch, labeled, unlabeled, it):
+    img_x, mask_x = labeled["image"], labeled["mask"]
+    img_u_w, img_u_w_mix = unlabeled[0]["image"], unlabeled[1]["image"]
+    with torch.no_grad(), eval_mode(self.net):                    # the boxes' source, labelled in eval mode
+        mask_u_mix, conf_u_mix = confident_labels(self.net(img_u_w_mix))
+    box_u = cutmix_box(len(img_u_w), *img_u_w.shape[-2:], self.opts.cutmix_p).to(img_u_w.device)
+    img_u_s = mix(strong_photometric(img_u_w), strong_photometric(img_u_w_mix), box_u)   # strong view + box
+    pred_x, pred_u_w = forward_parts(self.net, img_x, img_u_w, mode=self.opts.forward)
+    pred_u_s = self.net(img_u_s)
+    mask_u_w, conf_u_w = confident_labels(pred_u_w)                # no gradient
+    mask_u, conf_u = mix(mask_u_w, mask_u_mix, box_u), mix(conf_u_w, conf_u_mix, box_u)
+    kept_u = mask_u.masked_fill(conf_u < self.tau, IGNORE_INDEX)
+    gt_u0, gt_u1 = unlabeled[0].get("mask"), unlabeled[1].get("mask")
+    gt_u = mix(gt_u0, gt_u1, box_u) if gt_u0 is not None and gt_u1 is not None else None
+    return {"loss_sup": self.sup_loss(pred_x, mask_x) / 2,                        # (L_s + λ L_u) / 2
+            "loss_unsup": self.opts.unsup_weight * pseudo_ce(pred_u_s, kept_u) / 2,
+            "mask_ratio": (conf_u_w >= self.tau).float().mean(),
+            **pseudo_label_accuracy(kept_u, gt_u)}                 # diagnostic: the kept labels

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 from ..method import Method, register
+from ..models import FORWARD_MODES, forward_parts
 from ..losses import softmax_mse, sigmoid_rampup
 from ..transforms import box_mask, mix
 
@@ -45,12 +46,15 @@ class MeanTeacher(Method):
     class Options:
         ema_decay: float = 0.99       # α of the teacher update θ̄ ← αθ̄ + (1 − α)θ
         cons_weight: float = 100.0    # λ, weight of the consistency loss (TorchSemiSeg: 100)
-        rampup: float = 0.1           # sigmoid ramp-up of λ over this fraction of the iterations (0: none)
-        eval_net: str = "teacher"     # network evaluated and used for inference: teacher | student
+        rampup: float = 0.0           # sigmoid ramp-up of λ over this fraction of the iterations (0: none, the code)
+        eval_net: str = "student"     # network evaluated and used for inference: student (the code) | teacher
+        forward: str = "parts"        # parts | separate | joint: how the student sees labeled + unlabeled
 
         def __post_init__(self):
             if self.eval_net not in ("teacher", "student"):
                 raise ValueError(f"eval_net must be teacher or student, got {self.eval_net!r}")
+            if self.forward not in FORWARD_MODES:
+                raise ValueError(f"forward must be one of {', '.join(FORWARD_MODES)}, got {self.forward!r}")
             for name, value, ok, need in (("ema_decay", self.ema_decay, 0 <= self.ema_decay <= 1, "in [0, 1]"),
                                           ("cons_weight", self.cons_weight, self.cons_weight >= 0, ">= 0"),
                                           ("rampup", self.rampup, 0 <= self.rampup <= 1,
@@ -68,26 +72,26 @@ class MeanTeacher(Method):
         return self.opts.cons_weight * sigmoid_rampup(it, round(self.opts.rampup * self.cfg.iters))
 
     def forward(self, labeled, unlabeled, it):
-        bx = len(labeled["image"])
-        img = torch.cat([labeled["image"], unlabeled[0]["image"]])
-        pred = self.net(img)
-        with torch.no_grad():
-            pred_t = self.teacher(img)  # training mode: batch statistics, as TorchSemiSeg
+        img_x, img_u = labeled["image"], unlabeled[0]["image"]
+        pred_x, pred_u = forward_parts(self.net, img_x, img_u, mode=self.opts.forward)   # student
+        with torch.no_grad():                  # teacher in training mode: batch statistics, as TorchSemiSeg
+            pred_t_x = self.teacher(img_x)
+            ema_update(self.teacher, self.net, self.opts.ema_decay)   # TorchSemiSeg: inside the labeled call
+            pred_t_u = self.teacher(img_u)
         w = self.cons_weight(it)
-        return {"loss_sup": self.sup_loss(pred[:bx], labeled["mask"]),
-                "loss_cons": w * softmax_mse(pred, pred_t), "cons_weight": torch.tensor(w)}
-
-    def after_step(self, it):
-        ema_update(self.teacher, self.net, self.opts.ema_decay)
+        loss_cons = softmax_mse(torch.cat([pred_x, pred_u]), torch.cat([pred_t_x, pred_t_u]))
+        return {"loss_sup": self.sup_loss(pred_x, labeled["mask"]), "loss_cons": w * loss_cons,
+                "cons_weight": torch.tensor(w)}
 
     def eval_model(self):
         return self.teacher if self.opts.eval_net == "teacher" else self.net
 
 # %% ../../nbs/22_mean_teacher.ipynb #a5fd7bb5
 @torch.no_grad()
-def mixed_targets(net: nn.Module, u0: torch.Tensor, u1: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def mixed_targets(net: nn.Module, u0: torch.Tensor, u1: torch.Tensor, mask: torch.Tensor,
+                  mode: str = "parts") -> torch.Tensor:
     "Logits of `net` on `u0` and `u1` (no gradient), pasted together like the images: u1's where `mask` is 1."
-    z0, z1 = net(torch.cat([u0, u1])).chunk(2)
+    z0, z1 = forward_parts(net, u0, u1, mode=mode)
     return mix(z0, z1, mask)
 
 # %% ../../nbs/22_mean_teacher.ipynb #b37109bd
@@ -98,6 +102,8 @@ class CutMixSeg(MeanTeacher):
 
     @dataclass
     class Options(MeanTeacher.Options):
+        rampup: float = 0.1               # sigmoid ramp-up of λ over this fraction of the iterations
+        eval_net: str = "teacher"         # the CutMix-Seg code evaluates the teacher
         n_boxes: int = 3                  # CutMix boxes per image
         prop_range: tuple = (0.25, 0.5)   # range of each box's area share (before the 1/n_boxes scaling)
 
@@ -110,12 +116,15 @@ class CutMixSeg(MeanTeacher):
                 raise ValueError(f"prop_range must be (lo, hi) with 0 < lo <= hi <= 1, got {self.prop_range!r}")
 
     def forward(self, labeled, unlabeled, it):
-        bx, img_u0, img_u1 = len(labeled["image"]), unlabeled[0]["image"], unlabeled[1]["image"]
+        img_x, img_u0, img_u1 = labeled["image"], unlabeled[0]["image"], unlabeled[1]["image"]
         box_u = box_mask(len(img_u0), *img_u0.shape[-2:], self.opts.n_boxes, tuple(self.opts.prop_range))
         box_u = box_u.to(img_u0.device)
-        pred_t_mix = mixed_targets(self.teacher, img_u0, img_u1, box_u)
-        pred = self.net(torch.cat([labeled["image"], mix(img_u0, img_u1, box_u)]))
+        pred_t_mix = mixed_targets(self.teacher, img_u0, img_u1, box_u, self.opts.forward)
+        pred_x, pred_mix = forward_parts(self.net, img_x, mix(img_u0, img_u1, box_u), mode=self.opts.forward)
         w = self.cons_weight(it)
-        return {"loss_sup": self.sup_loss(pred[:bx], labeled["mask"]),
-                "loss_cons": w * softmax_mse(pred[bx:], pred_t_mix), "cons_weight": torch.tensor(w),
+        return {"loss_sup": self.sup_loss(pred_x, labeled["mask"]),
+                "loss_cons": w * softmax_mse(pred_mix, pred_t_mix), "cons_weight": torch.tensor(w),
                 "mix_share": box_u.mean()}
+
+    def after_step(self, it):
+        ema_update(self.teacher, self.net, self.opts.ema_decay)
