@@ -17,10 +17,10 @@ from ..method import Method, register
 from ..losses import ce_loss, sigmoid_rampup
 
 # %% auto #0
-__all__ = ['DECODERS', 'PERTURBATIONS', 'neighbour_distance', 'class_boundary', 'boundary_contrast', 'feature_noise',
+__all__ = ['DECODERS', 'PERTURBATIONS', 'VAT_MODES', 'neighbour_distance', 'class_boundary', 'boundary_contrast', 'feature_noise',
            'feature_drop', 'spatial_dropout', 'object_masking', 'context_masking', 'connected_components',
-           'component_boxes', 'guided_cutout', 'vat_noise', 'DecoderBank', 'interp_matrix', 'upsample',
-           'consistency_loss', 'unsup_weight', 'ab_ce_threshold', 'ab_ce', 'aux_counts', 'CCT']
+           'component_boxes', 'guided_cutout', 'vat_noise', 'vat_noise_official', 'DecoderBank', 'interp_matrix',
+           'upsample', 'consistency_loss', 'unsup_weight', 'ab_ce_threshold', 'ab_ce', 'aux_counts', 'CCT']
 
 # %% ../../nbs/25_cct.ipynb #0a6e5340
 def neighbour_distance(x, patch: int = 1):
@@ -52,7 +52,7 @@ def feature_noise(z, n: int, r: float = 0.3):
     return 1 + torch.empty(1, n, *z.shape[1:], device=z.device, dtype=z.dtype).uniform_(-r, r)
 
 # %% ../../nbs/25_cct.ipynb #bfb3e335
-def feature_drop(z, n: int, lo: float = 0.6, hi: float = 0.9):
+def feature_drop(z, n: int, lo: float = 0.7, hi: float = 0.9):
     "F-Drop masks `(B, n, 1, h, w)`: zero the positions whose channel-mean activation is ≥ γ·max, γ ~ U(lo, hi)."
     att = z.detach().mean(1, keepdim=True).unsqueeze(1)                      # (B, 1, 1, h, w)
     gamma = torch.empty(1, n, 1, 1, 1, device=z.device, dtype=z.dtype).uniform_(lo, hi)   # one γ per decoder
@@ -106,7 +106,7 @@ def component_boxes(lab, min_pixels: int = 1):
     return b[keep], y0[keep], y1[keep], x0[keep], x1[keep]
 
 # %% ../../nbs/25_cct.ipynb #91ca0555
-def guided_cutout(fg, n: int, erase: float = 0.4, min_area: float = 0.005, dtype=torch.float32):
+def guided_cutout(fg, n: int, erase: float = 0.4, min_area: float = 0.0, dtype=torch.float32):
     "G-Cutout masks `(B, n, 1, h, w)`: in each object's box, zero a random crop of `erase`× its height and width."
     B, h, w = fg.shape
     b, y0, y1, x0, x1 = component_boxes(connected_components(fg), max(1, math.ceil(min_area * h * w)))
@@ -142,6 +142,21 @@ def vat_noise(z, decode, n: int, xi: float = 1e-6, eps: float = 2.0):
             q_minus_p = (logits.detach() + s).softmax(2) - p
         g, = torch.autograd.grad(logits, x, q_minus_p)                              # Jᵀ (q - p)
     return (eps * _unit(g)).to(z.dtype)
+
+# %% ../../nbs/25_cct.ipynb #1459818d
+def vat_noise_official(z, decode, n: int, xi: float = 1e-6, eps: float = 2.0):
+    "I-VAT as the official code computes it: the float32 finite difference at ξ, directions normalised with +1e-8."
+    def unit(d):                                       # the official `_l2_normalize`
+        return d / (d.flatten(2).norm(dim=2).view(*d.shape[:2], *([1] * (d.dim() - 2))) + 1e-8)
+    x = z.detach().float().unsqueeze(1).expand(-1, n, -1, -1, -1).contiguous()      # one copy per VAT decoder
+    d = unit(torch.rand_like(x) - 0.5)
+    with torch.enable_grad(), torch.autocast(z.device.type, enabled=False):
+        p = decode(x, d)[0].detach().softmax(2)
+        d.requires_grad_()
+        logp_hat = decode(x + xi * d, d)[0].log_softmax(2)
+        kl = F.kl_div(logp_hat, p, reduction='sum') / len(z)                       # KL with 'batchmean'
+        g, = torch.autograd.grad(kl, d)
+    return (eps * unit(g)).to(z.dtype)
 
 # %% ../../nbs/25_cct.ipynb #4682564d
 DECODERS = ('linear', 'subpixel')   # the decoder option
@@ -330,6 +345,9 @@ def ab_ce(logits, target, eta: float, min_kept: int = 1, ignore_index: int = IGN
 # %% ../../nbs/25_cct.ipynb #25cac32d
 PERTURBATIONS = ('vat', 'drop', 'cutout', 'con_msk', 'obj_msk', 'f_drop', 'f_noise')  # the official decoder order
 
+# %% ../../nbs/25_cct.ipynb #709d42be
+VAT_MODES = dict(analytic=vat_noise, official=vat_noise_official)   # the vat option
+
 # %% ../../nbs/25_cct.ipynb #f2418b8d
 def aux_counts(opts) -> dict:
     "Auxiliary decoders per perturbation: the `aux_*` options, or the `aux` override ('f_noise:8', 'all:6', ...)."
@@ -366,16 +384,17 @@ class CCT(Method):
         aux_obj_msk: int = 2              # Obj-Msk (objects masked) decoders
         aux_f_drop: int = 6               # F-Drop (feature dropout) decoders
         aux_f_noise: int = 6              # F-Noise (feature noise) decoders
+        vat: str = 'analytic'             # I-VAT gradient: analytic (norm ε) | official (float32 finite difference)
         vat_xi: float = 1e-6              # I-VAT finite-difference step ξ
         vat_eps: float = 2.0              # I-VAT perturbation norm ε (per image)
         drop_rate: float = 0.5            # DropOut rate
         erase: float = 0.4                # G-Cutout crop size, fraction of the box height and width
-        cutout_min_area: float = 0.005    # G-Cutout ignores objects smaller than this share of the map
+        cutout_min_area: float = 0.0      # G-Cutout ignores objects smaller than this share of the map (0: none)
         uniform_range: float = 0.3        # F-Noise amplitude
-        f_drop_lo: float = 0.6            # F-Drop threshold γ ~ U(lo, hi) × max attention
+        f_drop_lo: float = 0.7            # F-Drop threshold γ ~ U(lo, hi) × max attention (the paper: 0.6)
         f_drop_hi: float = 0.9
         context_classes: str = '0'        # classes that are context (not objects) for the masking perturbations
-        decoder: str = 'linear'           # linear (1×1 conv + bilinear, TorchSemiSeg) | subpixel (paper)
+        decoder: str = 'subpixel'         # subpixel (paper and code) | linear (1×1 conv + bilinear, TorchSemiSeg)
         ab_ce: bool = False               # annealed bootstrapped CE as the supervised loss
         ab_ce_end: float = 0.9            # final ab-CE threshold η
         ab_ce_rampup: float = 0.4         # η rises from 1/C to `ab_ce_end` over this fraction of `iters`
@@ -385,6 +404,8 @@ class CCT(Method):
             aux_counts(self)
             if self.decoder not in DECODERS:
                 raise ValueError(f"decoder must be 'linear' or 'subpixel', got {self.decoder!r}")
+            if self.vat not in VAT_MODES:
+                raise ValueError(f"vat must be 'analytic' or 'official', got {self.vat!r}")
             checks = (("unsup_weight", self.unsup_weight >= 0, ">= 0"), ("vat_eps", self.vat_eps >= 0, ">= 0"),
                       ("vat_xi", self.vat_xi > 0, "> 0"), ("uniform_range", self.uniform_range >= 0, ">= 0"),
                       ("ab_ce_min_kept", self.ab_ce_min_kept >= 0, ">= 0"),
@@ -438,7 +459,7 @@ def aux_logits(self: CCT, z, fg, size):
                 y, dy = bank.rest(bank.first(x, ks, torch.float32), ks, torch.float32,
                                   dy=bank.first(dx, ks, torch.float32))
                 return upsample(y, size), upsample(dy, size)
-            add = vat_noise(z, decode, n, o.vat_xi, o.vat_eps)
+            add = VAT_MODES[o.vat](z, decode, n, o.vat_xi, o.vat_eps)
         elif name == 'drop':
             mul = spatial_dropout(z, n, o.drop_rate)
         elif name == 'cutout':
