@@ -29,9 +29,9 @@ from ..pseudo import TTA, pseudo_label, pseudo_label_miou, tta_scales
 
 # %% auto #0
 __all__ = ['GAP_EPS', 'STEPS', 'PSEUDO_SUBSETS', 'BEST_WARNING', 'masked_average_pool', 'cisc_map', 'rectified_ce',
-           'skip_classes', 'present_classes', 'query_index', 'query_candidates', 'pair_in_batch', 'cisc_pair_loss',
-           'CISCStage1', 'class_anchors', 'cisc_distance', 'smaller_half', 'select_reliable', 'load_net', 'QueryPairs',
-           'CISCRectify', 'CISCR']
+           'skip_classes', 'present_classes', 'query_index', 'query_candidates', 'cisc_loss', 'CISCStage1',
+           'class_anchors', 'cisc_distance', 'smaller_half', 'select_reliable', 'load_net', 'QueryPairs', 'CISCRectify',
+           'CISCR']
 
 # %% ../../nbs/27_ciscr.ipynb #7fe795e8
 def _resize(x: torch.Tensor, size) -> torch.Tensor:
@@ -104,22 +104,6 @@ def query_candidates(index: dict, classes, exclude: str | None = None) -> list[s
     "The concatenated query lists of `classes` (an id appears once per shared class), without `exclude`."
     return [i for c in classes for i in index.get(c, index.get(str(c), [])) if i != exclude]
 
-# %% ../../nbs/27_ciscr.ipynb #9225be97
-def pair_in_batch(masks: torch.Tensor,  # (B,H,W) label maps of a batch
-                  min_area: float = 0.03, skip=(), generator: torch.Generator | None = None):
-    "For each image a random partner sharing a class (≥ `min_area`) and the class: (partner (B,), cls (B,); -1 = none)."
-    B = masks.shape[0]
-    present = [set(present_classes(m.cpu(), min_area, skip)) for m in masks]
-    partner, cls = torch.arange(B), torch.full((B,), -1, dtype=torch.long)
-    for i in range(B):
-        cands = [j for j in range(B) if j != i and present[i] & present[j]]
-        if not cands:
-            continue
-        j = cands[int(torch.randint(len(cands), (1,), generator=generator))]
-        shared = sorted(present[i] & present[j])
-        partner[i], cls[i] = j, shared[int(torch.randint(len(shared), (1,), generator=generator))]
-    return partner.to(masks.device), cls.to(masks.device)
-
 # %% ../../nbs/27_ciscr.ipynb #f3cea37d
 def _bce_valid(s: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     "BCE of a [0, 1] map against 0/1 targets, averaged over `valid` pixels (0 if there are none)."
@@ -128,18 +112,13 @@ def _bce_valid(s: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> to
     return (bce * valid).sum() / valid.sum().clamp_min(1)
 
 # %% ../../nbs/27_ciscr.ipynb #f4ff92e4
-def cisc_pair_loss(feats: torch.Tensor,   # (B,C,h,w) features of the batch
-                   masks: torch.Tensor,   # (B,H,W) labels
-                   partner: torch.Tensor, cls: torch.Tensor,  # from `pair_in_batch`
-                   ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+def cisc_loss(feat_a: torch.Tensor, mask_a: torch.Tensor, map_a: torch.Tensor,   # image a: (B,C,h,w), (B,H,W) x2
+              feat_b: torch.Tensor, mask_b: torch.Tensor, map_b: torch.Tensor,   # its partner b
+              ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
     "Bidirectional stage-1 CISC loss: BCE(cos(F_a, v_b), m_a)[valid].mean() + BCE(cos(F_b, v_a), m_b)[valid].mean()."
-    on = (cls >= 0).view(-1, 1, 1)
-    ma = (masks == cls.view(-1, 1, 1)) & on
-    mb = (masks[partner] == cls.view(-1, 1, 1)) & on
-    fa, fb, size = feats, feats[partner], masks.shape[-2:]
-    sa = _resize(cisc_map(fa, masked_average_pool(fb, mb)), size)
-    sb = _resize(cisc_map(fb, masked_average_pool(fa, ma)), size)
-    return _bce_valid(sa, ma, masks != ignore_index) + _bce_valid(sb, mb, masks[partner] != ignore_index)
+    sa = _resize(cisc_map(feat_a, masked_average_pool(feat_b, map_b)), map_a.shape[-2:])
+    sb = _resize(cisc_map(feat_b, masked_average_pool(feat_a, map_a)), map_b.shape[-2:])
+    return _bce_valid(sa, map_a, mask_a != ignore_index) + _bce_valid(sb, map_b, mask_b != ignore_index)
 
 # %% ../../nbs/27_ciscr.ipynb #ecda3cae
 def _check_area_and_classes(opts):
@@ -156,7 +135,9 @@ def _check_area_and_classes(opts):
 # %% ../../nbs/27_ciscr.ipynb #d718f9cd
 @register("ciscr_stage1", label="CISC-R stage 1", color="#f7b6d2", weight="cisc_weight")
 class CISCStage1(Method):
-    "CISC-R stage 1 (SupOnly + L_CISC): CE on labeled images plus the bidirectional CISC loss between in-batch pairs."
+    "CISC-R stage 1 (SupOnly + L_CISC) as the official code: labeled pairs sharing a class, CE on both, L_CISC."
+    needs_unlabeled = 1               # one stream: labeled images, each with a queried labeled partner
+
     @dataclass
     class Options:
         cisc_weight: float = 1.0      # weight of L_CISC (the code: 1)
@@ -173,13 +154,22 @@ class CISCStage1(Method):
         self.net = self.make_net()
         self.skip = skip_classes(cfg.dataset, opts.query_classes)
 
+    def unlabeled_streams(self, data) -> list:
+        "One stream: every labeled image with a partner queried from all labeled images (`QueryPairs`)."
+        whole = data.spec.dataset(data.labeled.items, eval_transform())
+        index = query_index({s["id"]: _plain(s["mask"]) for s in whole}, self.opts.min_area, self.skip)
+        return [QueryPairs(data.labeled, data.labeled, index, self.opts.min_area, self.skip)]
+
+    def unlabeled_count(self, data) -> int:
+        return 0                      # the stream holds labeled images only
+
     def forward(self, labeled, unlabeled, it):
-        img_x, mask_x = labeled["image"], labeled["mask"]
-        pred_x, feat_x = self.net(img_x, return_features=True)
-        partner, cls = pair_in_batch(mask_x, self.opts.min_area, self.skip)
-        return {"loss_sup": self.sup_loss(pred_x, mask_x),
-                "loss_cisc": self.opts.cisc_weight * cisc_pair_loss(feat_x.float(), mask_x, partner, cls),
-                "paired": (cls >= 0).float().mean()}
+        pairs = unlabeled[0]          # the trainer's labeled batch is not used: every pair holds two labeled images
+        pred, feat = self.net(torch.cat([pairs["image"], pairs["image_q"]]), return_features=True)
+        (pred_a, pred_b), (feat_a, feat_b) = pred.chunk(2), feat.float().chunk(2)
+        loss_cisc = cisc_loss(feat_a, pairs["mask"], pairs["map"], feat_b, pairs["mask_q"], pairs["map_q"])
+        return {"loss_sup": self.sup_loss(pred_a, pairs["mask"]) + self.sup_loss(pred_b, pairs["mask_q"]),
+                "loss_cisc": self.opts.cisc_weight * loss_cisc, "paired": (pairs["cls"] >= 0).float().mean()}
 
     def eval_model(self):
         return self.net
@@ -246,7 +236,10 @@ def smaller_half(dist: dict) -> tuple[list, list]:
 # %% ../../nbs/27_ciscr.ipynb #078f9842
 @torch.no_grad()
 def select_reliable(net: nn.Module, labeled, unlabeled, num_classes: int,  # full-size datasets, `unlabeled` with
-                    min_area: float = 0.03, skip=(), device=None) -> dict:  # pseudo labels as masks
+                    min_area: float = 0.03, skip=(), device=None,          # pseudo labels as masks
+                    d_min_area: float = 0.0,   # classes of an unlabeled image that count in D (0: all, the code)
+                    query_min: int = 0         # query lists keep at least this many images (the code: 0)
+                   ) -> dict:
     "Algorithm 1: dict(query={class: ids}, reliable, unreliable, d_unlabeled, d_labeled={class: {id: D}})."
     device = device or next(net.parameters()).device
     anchors = class_anchors(net, labeled, num_classes, device)
@@ -254,9 +247,12 @@ def select_reliable(net: nn.Module, labeled, unlabeled, num_classes: int,  # ful
     for id_, f, m in _features(net, labeled, device):
         for k in present_classes(m.cpu(), min_area, skip):
             d_lab.setdefault(k, {})[id_] = cisc_distance(f, m, anchors, [k])
-    query = {k: smaller_half(v)[0] or sorted(v, key=v.get)[:1] for k, v in sorted(d_lab.items())}
+    query = {}
+    for k, v in sorted(d_lab.items()):
+        half, rest = smaller_half(v)
+        query[k] = half + rest[:max(query_min - len(half), 0)]
     for id_, f, m in _features(net, unlabeled, device):
-        d_unl[id_] = cisc_distance(f, m, anchors, present_classes(m.cpu(), min_area))
+        d_unl[id_] = cisc_distance(f, m, anchors, present_classes(m.cpu(), d_min_area))
     reliable, unreliable = smaller_half(d_unl)
     return dict(query=query, reliable=reliable, unreliable=unreliable, d_unlabeled=d_unl, d_labeled=d_lab)
 
@@ -294,7 +290,7 @@ class QueryPairs(torch.utils.data.Dataset):
         u = self.unlabeled[i]
         mask_u = _plain(u["mask"])
         classes_u = present_classes(mask_u, self.min_area, self.skip)
-        cands = query_candidates(self.index, classes_u)
+        cands = query_candidates(self.index, classes_u, exclude=u["id"])   # a labeled image: not itself
         if cands:
             j = self.pos[cands[int(torch.randint(len(cands), (1,)))]]
         else:
@@ -405,11 +401,17 @@ class CISCR(Pipeline):
         tta: bool = True                # pseudo labels with multi-scale + flip TTA (CISC-R) or whole-image
         min_area: float = 0.03          # a class counts in an image when it covers at least this share
         query_classes: str = "auto"     # classes never queried: auto | none | '0,3'
+        d_min_area: float = 0.0         # classes of an unlabeled image that count in D: share ≥ this (0: all, the code)
+        query_min: int = 0              # query lists keep at least this many images per class (the code: 0)
         until: str | None = None        # stop after this step (one of STEPS)
 
         def __post_init__(self):
             if self.model_select not in ("last", "best"):
                 raise ValueError(f"model_select must be 'last' or 'best', got {self.model_select!r}")
+            if not 0 <= self.d_min_area <= 1:
+                raise ValueError(f"d_min_area must be a share of the image in [0, 1], got {self.d_min_area!r}")
+            if self.query_min < 0:
+                raise ValueError(f"query_min must be >= 0, got {self.query_min!r}")
             if self.until is not None and self.until not in STEPS:
                 raise ValueError(f"until must be one of {STEPS}, got {self.until!r}")
 
@@ -520,7 +522,7 @@ def _select(self: CISCR):
     def make(d):
         net0 = load_net(self._ckpt("stage1"), self.device)
         sel = select_reliable(net0, self.labeled, self._unlabeled(pseudo_dir=p0), self.nc, o.min_area,
-                              skip_classes(self.cfg.dataset, o.query_classes), self.device)
+                              skip_classes(self.cfg.dataset, o.query_classes), self.device, o.d_min_area, o.query_min)
         write_json(d / "query.json", {str(k): v for k, v in sel["query"].items()})
         D.write_split(d / "reliable.txt", sel["reliable"])
         D.write_split(d / "unreliable.txt", sel["unreliable"])
