@@ -85,7 +85,7 @@ class CPS(CoTraining):
         cps_labeled: bool | None = None  # L^l_cps on the labeled batch too (unset: yes unless CutMix or weak→strong)
         cps_unlabeled: bool = True   # L^u_cps: pseudo supervision on the unlabeled batch
         cutmix: bool = False         # CPS + CutMix: pseudo labels of a CutMixed pair of unlabeled batches
-        ws: bool = False             # weak→strong (UCC's): weak-view pseudo labels teach the other network's strong view
+        ws: bool = False             # weak→strong (UCC's): weak-view pseudo labels teach the other's strong view
         copy_paste: str = "none"     # labeled objects pasted into the images (UCC's modes: none cp dcp cscp dcscp)
         bn_eval: bool = False        # pseudo-label pass (CutMix, weak→strong) with BatchNorm in eval mode (code: train)
         forward: str = "parts"       # parts | separate | joint: how a network sees labeled + unlabeled (forward_parts)
@@ -169,7 +169,7 @@ class SPSCutMix(SPS):
     class Options(SPS.Options):
         cutmix: bool = True
 
-# %% ../../nbs/21_cps.ipynb #d3585b15
+# %% ../../nbs/21_cps.ipynb #e0f0390f
 @register("cps_ucc_aug", label="CPS + UCC aug.", color="#bcbd22", weight="cps_weight", demo=True, order=20)
 class CPSUCCAug(CPS):
     "semiseg's recipe: CPS with UCC's weak→strong view and DCSCP copy-paste (`cps ws=true copy_paste=dcscp`)."
@@ -178,7 +178,7 @@ class CPSUCCAug(CPS):
         ws: bool = True
         copy_paste: str = "dcscp"
 
-# %% ../../nbs/21_cps.ipynb #06889734
+# %% ../../nbs/21_cps.ipynb #19b7076b
 @register("sps_ucc_aug", label="SPS + UCC aug.", color="#dbdb8d", weight="cps_weight", order=21)
 class SPSUCCAug(SPS):
     "semiseg's recipe with one network: SPS with UCC's weak→strong view and DCSCP (`sps ws=true copy_paste=dcscp`)."

@@ -25,7 +25,7 @@ def pseudo_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     ce = F.cross_entropy(logits, labels, reduction="none", ignore_index=IGNORE_INDEX)
     return ce.sum() / ce.numel()
 
-# %% ../../nbs/23_fixmatch.ipynb #f256ccde
+# %% ../../nbs/23_fixmatch.ipynb #4d0c4047
 def cutmix_box(batch: int, h: int, w: int, p: float = 0.5, area=(0.02, 0.4), ratio=(0.3, 1 / 0.3),
                generator: torch.Generator | None = None) -> torch.Tensor:
     "UniMatch's CutMix boxes (batch, 1, h, w) of 0/1 floats: with probability `p` one box per image, else none."
@@ -54,7 +54,7 @@ class FixMatch(Method):
         conf_thresh: float | None = None  # τ; unset: UniMatch's 0.95, or 0 on cityscapes
         unsup_weight: float = 1.0         # λ_u
         cutmix_p: float = 0.5             # probability that a strong view gets a CutMix box (0: none)
-        forward: str = "joint"            # joint (UniMatch: labeled ⊕ weak share BatchNorm statistics) | parts | separate
+        forward: str = "joint"            # joint (UniMatch: labeled ⊕ weak share BN statistics) | parts | separate
 
         def __post_init__(self):
             if self.conf_thresh is not None and not 0 <= self.conf_thresh <= 1:
@@ -75,7 +75,7 @@ class FixMatch(Method):
     def eval_model(self):
         return self.net
 
-# %% ../../nbs/23_fixmatch.ipynb #87e30972
+# %% ../../nbs/23_fixmatch.ipynb #8ea5f655
 @patch
 def forward(self: FixMatch, labeled, unlabeled, it):
     img_x, mask_x = labeled["image"], labeled["mask"]
