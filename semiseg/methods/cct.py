@@ -1,4 +1,4 @@
-"""Ouali et al., CVPR 2020: a shared encoder, a main decoder trained on labels, and K auxiliary decoders that must agree with it on perturbed copies of the encoder's output — 30 decoders run as one batched bank.
+"""CCT (Ouali et al., CVPR 2020): K perturbed auxiliary decoders agree with the main decoder, run as one batched bank.
 
 Docs: https://semiseg.github.io/semiseg/cct.html.md"""
 
@@ -143,7 +143,7 @@ def vat_noise(z, decode, n: int, xi: float = 1e-6, eps: float = 2.0):
         g, = torch.autograd.grad(logits, x, q_minus_p)                              # Jᵀ (q - p)
     return (eps * _unit(g)).to(z.dtype)
 
-# %% ../../nbs/25_cct.ipynb #1459818d
+# %% ../../nbs/25_cct.ipynb #3e28b554
 def vat_noise_official(z, decode, n: int, xi: float = 1e-6, eps: float = 2.0):
     "I-VAT as the official code computes it: the float32 finite difference at ξ, directions normalised with +1e-8."
     def unit(d):                                       # the official `_l2_normalize`
@@ -345,7 +345,7 @@ def ab_ce(logits, target, eta: float, min_kept: int = 1, ignore_index: int = IGN
 # %% ../../nbs/25_cct.ipynb #25cac32d
 PERTURBATIONS = ('vat', 'drop', 'cutout', 'con_msk', 'obj_msk', 'f_drop', 'f_noise')  # the official decoder order
 
-# %% ../../nbs/25_cct.ipynb #709d42be
+# %% ../../nbs/25_cct.ipynb #665911c4
 VAT_MODES = dict(analytic=vat_noise, official=vat_noise_official)   # the vat option
 
 # %% ../../nbs/25_cct.ipynb #f2418b8d

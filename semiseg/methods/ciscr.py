@@ -1,4 +1,4 @@
-"""Cross-Image Semantic Consistency guided Rectifying (Wang et al., TPAMI 2023): self-training whose pseudo labels are corrected pixel by pixel by comparing each unlabeled image with a labeled image that shares a class — the whole multi-stage pipeline, resumable stage by stage.
+"""CISC-R (Wu et al., TPAMI 2023): self-training whose pseudo labels are rectified by queried labeled images, stage by stage.
 
 Docs: https://semiseg.github.io/semiseg/ciscr.html.md"""
 

@@ -1,4 +1,4 @@
-"""Two networks, each trained on the other's hard pseudo labels (Chen et al., CVPR 2021), with the paper's CutMix variant and the two comparison points the paper defines: cross probability consistency and single-network pseudo supervision; and semiseg's recipe that adds UCC's weak→strong view and copy-paste.
+"""Cross pseudo supervision (Chen et al., CVPR 2021) ± CutMix, CPC and SPS as the paper computes them; semiseg's recipes.
 
 Docs: https://semiseg.github.io/semiseg/cps.html.md"""
 
@@ -169,7 +169,7 @@ class SPSCutMix(SPS):
     class Options(SPS.Options):
         cutmix: bool = True
 
-# %% ../../nbs/21_cps.ipynb #e0f0390f
+# %% ../../nbs/21_cps.ipynb #173a86b9
 @register("cps_ucc_aug", label="CPS + UCC aug.", color="#bcbd22", weight="cps_weight", demo=True, order=20)
 class CPSUCCAug(CPS):
     "semiseg's recipe: CPS with UCC's weak→strong view and DCSCP copy-paste (`cps ws=true copy_paste=dcscp`)."
@@ -178,7 +178,7 @@ class CPSUCCAug(CPS):
         ws: bool = True
         copy_paste: str = "dcscp"
 
-# %% ../../nbs/21_cps.ipynb #19b7076b
+# %% ../../nbs/21_cps.ipynb #4dcf7a08
 @register("sps_ucc_aug", label="SPS + UCC aug.", color="#dbdb8d", weight="cps_weight", order=21)
 class SPSUCCAug(SPS):
     "semiseg's recipe with one network: SPS with UCC's weak→strong view and DCSCP (`sps ws=true copy_paste=dcscp`)."

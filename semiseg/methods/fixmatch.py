@@ -1,4 +1,4 @@
-"""One network labels the weak view of an unlabeled image with its own confident predictions and learns to reproduce them on a strongly augmented view of the same image, with a CutMix box from a second unlabeled image: FixMatch for segmentation as UniMatch's `fixmatch.py` computes it, the implementation people compare against.
+"""FixMatch for segmentation as UniMatch's fixmatch.py computes it: weak-view pseudo labels teach a CutMixed strong view.
 
 Docs: https://semiseg.github.io/semiseg/fixmatch.html.md"""
 
@@ -25,7 +25,7 @@ def pseudo_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     ce = F.cross_entropy(logits, labels, reduction="none", ignore_index=IGNORE_INDEX)
     return ce.sum() / ce.numel()
 
-# %% ../../nbs/23_fixmatch.ipynb #4d0c4047
+# %% ../../nbs/23_fixmatch.ipynb #35f1c45d
 def cutmix_box(batch: int, h: int, w: int, p: float = 0.5, area=(0.02, 0.4), ratio=(0.3, 1 / 0.3),
                generator: torch.Generator | None = None) -> torch.Tensor:
     "UniMatch's CutMix boxes (batch, 1, h, w) of 0/1 floats: with probability `p` one box per image, else none."
@@ -75,7 +75,7 @@ class FixMatch(Method):
     def eval_model(self):
         return self.net
 
-# %% ../../nbs/23_fixmatch.ipynb #8ea5f655
+# %% ../../nbs/23_fixmatch.ipynb #8c417443
 @patch
 def forward(self: FixMatch, labeled, unlabeled, it):
     img_x, mask_x = labeled["image"], labeled["mask"]

@@ -1,4 +1,4 @@
-"""An exponential-moving-average teacher whose class probabilities the student must match: on the same images (mean teacher, as TorchSemiSeg re-implements it for the CPS paper) and on CutMix-mixed unlabeled pairs (CutMix-Seg).
+"""Mean teacher as TorchSemiSeg computes it for the CPS paper, and CutMix-Seg: an EMA teacher the student must match.
 
 Docs: https://semiseg.github.io/semiseg/mean_teacher.html.md"""
 

@@ -1,4 +1,4 @@
-"""Offline, multi-round pseudo-labelling over the trainer: train, label the unlabeled images with the model, retrain on labels + pseudo labels, repeat — resumable stage by stage, generic in the method of each stage (supervised, or CPS for "CPS + self-training").
+"""Offline multi-round self-training: train, label the unlabeled images, retrain on both; resumable, any method per stage.
 
 Docs: https://semiseg.github.io/semiseg/self_training.html.md"""
 

@@ -1,4 +1,4 @@
-"""One shared encoder, two DeepLabv3+ heads teaching each other from weak to strong views, with Dynamic Cross-Set Copy-Paste (DCSCP) and the Uncertainty Guided Re-weight Module (UGRM). Registered as `method=ucc`.
+"""UCC: one encoder, two heads teaching each other from weak to strong views, with DCSCP copy-paste and UGRM re-weighting.
 
 Docs: https://semiseg.github.io/semiseg/ucc.html.md"""
 
