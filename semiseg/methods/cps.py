@@ -169,7 +169,7 @@ class SPSCutMix(SPS):
     class Options(SPS.Options):
         cutmix: bool = True
 
-# %% ../../nbs/21_cps.ipynb #173a86b9
+# %% ../../nbs/21_cps.ipynb #ed5feb1e
 @register("cps_ucc_aug", label="CPS + UCC aug.", color="#bcbd22", weight="cps_weight", demo=True, order=20)
 class CPSUCCAug(CPS):
     "semiseg's recipe: CPS with UCC's weak→strong view and DCSCP copy-paste (`cps ws=true copy_paste=dcscp`)."
@@ -178,7 +178,7 @@ class CPSUCCAug(CPS):
         ws: bool = True
         copy_paste: str = "dcscp"
 
-# %% ../../nbs/21_cps.ipynb #4dcf7a08
+# %% ../../nbs/21_cps.ipynb #08ae0499
 @register("sps_ucc_aug", label="SPS + UCC aug.", color="#dbdb8d", weight="cps_weight", order=21)
 class SPSUCCAug(SPS):
     "semiseg's recipe with one network: SPS with UCC's weak→strong view and DCSCP (`sps ws=true copy_paste=dcscp`)."
