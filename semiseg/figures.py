@@ -37,6 +37,7 @@ STYLE = {"figure.dpi": 110, "savefig.dpi": 200, "font.size": 9, "axes.titlesize"
          "axes.spines.top": False, "axes.spines.right": False, "axes.grid": True, "grid.alpha": 0.3,
          "grid.linewidth": 0.6, "pdf.fonttype": 42, "ps.fonttype": 42}
 
+# %% ../nbs/32_figures.ipynb #1067156f
 def styled(f):
     "Decorator: draw `f`'s figure in `STYLE`."
     @functools.wraps(f)
@@ -45,13 +46,13 @@ def styled(f):
             return f(*a, **k)
     return g
 
-# %% ../nbs/32_figures.ipynb #0386cf5e
+# %% ../nbs/32_figures.ipynb #6213023b
 def method_label(m) -> str:
     "Display name of a method: its registered label, a paper's other method's name, or the name itself."
     info = registered().get(str(m))
     return info.label if info else PAPER_METHODS.get(str(m), {}).get("label", str(m))
 
-# %% ../nbs/32_figures.ipynb #60adcfe4
+# %% ../nbs/32_figures.ipynb #644d0811
 _SPARE = ["#393b79", "#637939", "#8c6d31", "#843c39", "#7b4173", "#3182bd", "#e6550d", "#31a354"]
 
 def method_color(m, i: int = 0) -> str:
@@ -61,9 +62,10 @@ def method_color(m, i: int = 0) -> str:
         return info.color
     return PAPER_METHODS.get(str(m), {}).get("color") or _SPARE[(sum(map(ord, str(m))) + i) % len(_SPARE)]
 
-# %% ../nbs/32_figures.ipynb #453422fa
+# %% ../nbs/32_figures.ipynb #e2f7a920
 BASELINE = TrainConfig.method   # the labeled-only baseline of every gain: semiseg-train's default method
 
+# %% ../nbs/32_figures.ipynb #0880fad7
 def _head(series) -> str:
     "The method of a series name 'method, key=value, ...'."
     return str(series).split(", ")[0]
@@ -76,10 +78,7 @@ def method_order(names) -> list:
         return reg.index(_head(n)) if _head(n) in reg else len(reg) + heads.index(_head(n))
     return sorted(names, key=rank)
 
-# %% ../nbs/32_figures.ipynb #f5af938d
-DATASET_LABELS = {"voc": "PASCAL VOC 2012", "cityscapes": "Cityscapes", "synthetic": "embedded benchmark",
-                  "folder": "folder dataset"}
-
+# %% ../nbs/32_figures.ipynb #d05df7c3
 def image_axes(ax):
     "An axes for a picture: no ticks, grid or spines."
     ax.set_xticks([])
@@ -88,7 +87,7 @@ def image_axes(ax):
     for sp in ax.spines.values():
         sp.set_visible(False)
 
-# %% ../nbs/32_figures.ipynb #9263f8d0
+# %% ../nbs/32_figures.ipynb #768c66bc
 def as_rows(table) -> list[dict]:
     "A results table as a list of dicts: from a CSV path, a folder of runs, a DataFrame or a list of dicts."
     if isinstance(table, (str, Path)):
@@ -97,6 +96,7 @@ def as_rows(table) -> list[dict]:
         return table.to_dict("records")
     return [dict(r) for r in table]
 
+# %% ../nbs/32_figures.ipynb #b31a1254
 def require(table, columns, what: str) -> list[dict]:
     "The table's rows, or a ValueError naming the columns `what` needs and the table lacks."
     rows = as_rows(table)
@@ -108,7 +108,7 @@ def require(table, columns, what: str) -> list[dict]:
                          + (f"lacks {', '.join(missing)} (it has: {shown})" if rows else "is empty"))
     return rows
 
-# %% ../nbs/32_figures.ipynb #45c4dca1
+# %% ../nbs/32_figures.ipynb #d08e953b
 def save_figure(fig, out_dir, name: str, formats=("png", "pdf")) -> list[Path]:
     "Write `fig` as `<out_dir>/<name>.png` and `.pdf` (tight bounding box); return the paths."
     out_dir = Path(out_dir)
@@ -126,6 +126,7 @@ def label_value(v) -> float:
         v = Fraction(v.strip())
     return float(v)
 
+# %% ../nbs/32_figures.ipynb #c03cdcee
 def label_text(v) -> str:
     "A label share as the papers write it: '1/16', '1/2', '92'."
     x = label_value(v)
@@ -134,7 +135,7 @@ def label_text(v) -> str:
     f = Fraction(x).limit_denominator(512)
     return f"{f.numerator}/{f.denominator}" if f.numerator else "0"
 
-# %% ../nbs/32_figures.ipynb #edf3408f
+# %% ../nbs/32_figures.ipynb #e347aa17
 def _label_axis_title(xs) -> str:
     return "labeled fraction of the training pool" if max(xs) <= 1 else "labeled images"
 
@@ -154,7 +155,7 @@ def finished(rows) -> list[dict]:
     "The rows of runs that finished with an mIoU (status ok or cached, or no status: a hand-made table)."
     return [r for r in rows if r.get("status") in (None, "ok", "cached") and r.get("miou") is not None]
 
-# %% ../nbs/32_figures.ipynb #ac3da8a1
+# %% ../nbs/32_figures.ipynb #afd95827
 _NOT_CONFIG = {"run", "status", "miou", "pixel_acc", "wall_s", "n_labeled", "n_unlabeled", "eval_protocol_name",
                "exit_status", "failed_cell", "error", "out_dir", "notebook", "config", "best_miou", "pl_miou",
                "_series", "stage_iters", "stage_miou"}
@@ -166,7 +167,7 @@ def row_config(r) -> dict:
     own = {k: v for k, v in r.items() if k not in _NOT_CONFIG and not k.startswith("iou_")}
     return {**own, **r["config"]} if isinstance(r.get("config"), dict) else own
 
-# %% ../nbs/32_figures.ipynb #5ed1d368
+# %% ../nbs/32_figures.ipynb #58d6448b
 def _varying(cs, group) -> list[str]:
     "The keys (not in `group`, not pooled) whose value differs between the configs `cs`."
     ks = dict.fromkeys(k for c in cs for k in c)
@@ -180,7 +181,7 @@ def split_keys(rows, group) -> list[str]:
         groups.setdefault(tuple(str(r.get(k)) for k in group), []).append(row_config(r))
     return list(dict.fromkeys(k for cs in groups.values() for k in _varying(cs, group)))
 
-# %% ../nbs/32_figures.ipynb #af335e7b
+# %% ../nbs/32_figures.ipynb #c1f0a770
 def tag_series(rows, group, key) -> list[str]:
     "Set each row's `_series`: its `key`, plus `k=v` for keys varying within its group (seeds alone are averaged)."
     groups = {}
@@ -193,7 +194,7 @@ def tag_series(rows, group, key) -> list[str]:
             r["_series"] = str(r.get(key)) + "".join(f", {k}={c.get(k)}" for k in ks if c.get(k) is not None)
     return split_keys(rows, group)
 
-# %% ../nbs/32_figures.ipynb #4d8ac778
+# %% ../nbs/32_figures.ipynb #20c7b55f
 def series_label(s: str, by: str = "method") -> str:
     "'cps, cps_weight=0.5' -> 'CPS (cps_weight=0.5)'."
     head, _, rest = str(s).partition(", ")
@@ -212,7 +213,11 @@ def _order(rows, key, given=None) -> list:
         return sorted((s for s in seen if _head(s) in given), key=lambda s: list(given).index(_head(s)))
     return method_order(seen)
 
-# %% ../nbs/32_figures.ipynb #97c5007a
+# %% ../nbs/32_figures.ipynb #4abe4f6c
+DATASET_LABELS = {"voc": "PASCAL VOC 2012", "cityscapes": "Cityscapes", "synthetic": "embedded benchmark",
+                  "folder": "folder dataset"}
+
+# %% ../nbs/32_figures.ipynb #67ef38fe
 def paper_overlay(runs, paper) -> list[dict]:
     "The paper rows to draw beside `runs`: of one protocol, on the runs' dataset, of the methods the runs ran."
     if not paper:
@@ -233,7 +238,7 @@ def paper_overlay(runs, paper) -> list[dict]:
                          "a paper row is drawn only beside runs of the method that computes it")
     return keep
 
-# %% ../nbs/32_figures.ipynb #79aa83b1
+# %% ../nbs/32_figures.ipynb #6ed2901a
 def _label_runs(table, dataset=None, methods=None) -> list[dict]:
     "The finished runs of `table` with a method, a label share and an mIoU (of `dataset` and `methods`, if given)."
     rows = require(table, ["method", "labeled", "miou"], "miou_vs_labels")
@@ -247,7 +252,7 @@ def _dashes(series) -> dict:
     "A line style per series: solid for a method's first series, dashed, dotted and dash-dotted for the next."
     return {s: ["-", "--", ":", "-."][[t for t in series if _head(t) == _head(s)].index(s) % 4] for s in series}
 
-# %% ../nbs/32_figures.ipynb #38d277e1
+# %% ../nbs/32_figures.ipynb #f99a19e2
 def _draw_lines(ax, series, stats, paper):
     "One line per series (mean, ± std band) against the label share; published rows dashed with open markers."
     _label_axis(ax, [s["labeled"] for s in stats] + [p["labeled"] for p in paper])
@@ -265,7 +270,7 @@ def _draw_lines(ax, series, stats, paper):
         ax.plot([label_value(x["labeled"]) for x in p], [x["miou"] for x in p], "--o", color=method_color(m, i),
                 mfc="white", ms=4, lw=1.1, label=f"{method_label(m)} (paper)")
 
-# %% ../nbs/32_figures.ipynb #e7fd13f8
+# %% ../nbs/32_figures.ipynb #39f39a11
 def _bar_group(ax, m, j, off, w, xs, stats, rows, dashes) -> list[tuple]:
     "The bars of series `m` at offset `off` (mean, ± std, seeds as dots); their (position, mean)."
     s = {label_value(x["labeled"]): x for x in stats if x["_series"] == m}
@@ -313,7 +318,7 @@ def _draw_bars(ax, series, stats, rows, paper) -> str:
                     zorder=5)
     return f"; y axis starts at {bottom}" if bottom > 0 else ""
 
-# %% ../nbs/32_figures.ipynb #34accee7
+# %% ../nbs/32_figures.ipynb #21b0aea3
 def _finish_labels(fig, ax, kind, rows, stats, paper, title, note_extra, n_series):
     "Axis label, title, legend and the note under the figure (seeds, y axis, the paper's table)."
     ax.set_ylabel("mIoU (%)")
@@ -331,7 +336,7 @@ def _finish_labels(fig, ax, kind, rows, stats, paper, title, note_extra, n_serie
                 color="0.35")
     fig.tight_layout(rect=(0, 0.04, 1, 1))
 
-# %% ../nbs/32_figures.ipynb #a429387a
+# %% ../nbs/32_figures.ipynb #b4641802
 @styled
 def miou_vs_labels(table, kind: str = "line", methods=None, dataset=None, paper=None, title=None, ax=None):
     "mIoU against the labeled fraction, one series per method (lines or grouped bars); published rows beside."
@@ -400,7 +405,7 @@ def weight_keys() -> list[str]:
     "The options that weigh an unsupervised loss, as the registered methods declare them (in their order)."
     return list(dict.fromkeys(info.weight for info in registered().values() if info.weight))
 
-# %% ../nbs/32_figures.ipynb #7f5d45cf
+# %% ../nbs/32_figures.ipynb #081de623
 def _paper_lambda_panel(ax, paper: dict):
     "Published λ curves ({name: dict(x, miou, param)}), each best value starred."
     for j, (name, d) in enumerate(paper.items()):
@@ -464,7 +469,7 @@ def image_miou(pred, gt, ignore: int = 255) -> float:
     ious = [((pred == c) & (gt == c) & v).sum() / max(1, (((pred == c) | (gt == c)) & v).sum()) for c in cls]
     return float(np.mean(ious) * 100) if ious else float("nan")
 
-# %% ../nbs/32_figures.ipynb #7604a157
+# %% ../nbs/32_figures.ipynb #117764af
 def _class_legend(fig, present, pal, names, ncol):
     "A legend of the classes (and ignore) present, below the grid."
     handles = [Patch(fc=pal[c] / 255, ec="0.5", lw=0.3, label=(names[c] if c < len(names) else str(c)) if c != 255
@@ -508,7 +513,7 @@ def qualitative_grid(images, gts, preds: dict, palette=None, class_names=None, i
     fig.subplots_adjust(left=0.02, right=0.98, wspace=0.03, hspace=0.04, bottom=leg_h / H, top=1 - title_h / H)
     return fig
 
-# %% ../nbs/32_figures.ipynb #eab4d17f
+# %% ../nbs/32_figures.ipynb #0e62022e
 def run_map(runs) -> dict:
     "{label: run dir} from a run dir, a list of them (labelled by folder name) or a {label: dir} mapping."
     if isinstance(runs, dict):
@@ -516,7 +521,7 @@ def run_map(runs) -> dict:
     runs = [runs] if isinstance(runs, (str, Path)) else list(runs)
     return {Path(r).name: Path(r) for r in runs}
 
-# %% ../nbs/32_figures.ipynb #1df73bc3
+# %% ../nbs/32_figures.ipynb #ca66a67f
 def qualitative_from_runs(runs, n: int = 4, indices=None, device: str = "cpu"):
     "Predict the same validation images with several runs ({label: run_dir}) and draw them side by side."
     runs = run_map(runs)
@@ -532,7 +537,7 @@ def qualitative_from_runs(runs, n: int = 4, indices=None, device: str = "cpu"):
     return qualitative_grid(base["images"], base["gts"], preds, palette=base["palette"],
                             class_names=base["class_names"], ids=base["ids"])
 
-# %% ../nbs/32_figures.ipynb #9c40eaf8
+# %% ../nbs/32_figures.ipynb #a60ad1fe
 def pick_runs(table, labeled=None, seed=None, methods=None) -> dict:
     "One finished run per method at one label share (the smallest) and seed (the lowest): {label: its network's dir}."
     rows = [r for r in finished(require(table, ["method", "labeled", "out_dir"], "pick_runs")) if r.get("out_dir")]
@@ -581,9 +586,7 @@ def _band(ax, curves, color, label, scale=1.0, ls="-"):
         sd = np.nanstd(vals, 0, ddof=1)
         ax.fill_between(its, mu - sd, mu + sd, color=color, alpha=0.18, lw=0)
 
-# %% ../nbs/32_figures.ipynb #69df95e7
-AGREE_KEYS = {"agree_l": "labeled set", "agree_u": "unlabeled set", "agree_all": "whole set"}
-
+# %% ../nbs/32_figures.ipynb #f04cfd95
 @styled
 def training_curves(runs, title=None):
     "Training loss (and its terms, for one run) and validation mIoU against iterations, from metrics.jsonl."
@@ -615,7 +618,9 @@ def training_curves(runs, title=None):
     fig.tight_layout()
     return fig
 
-# %% ../nbs/32_figures.ipynb #48cdab3c
+# %% ../nbs/32_figures.ipynb #83e51b78
+AGREE_KEYS = {"agree_l": "labeled set", "agree_u": "unlabeled set", "agree_all": "whole set"}
+
 @styled
 def agreement_curve(runs, keys=tuple(AGREE_KEYS), title=None):
     "CPS's overlap ratio of the two networks' pseudo maps against iterations (mean ± std over each label's runs)."
@@ -677,7 +682,7 @@ def pseudo_label_quality(table, by: str = "method", hue: str = "subset", value: 
     fig.tight_layout()
     return fig
 
-# %% ../nbs/32_figures.ipynb #860a15f6
+# %% ../nbs/32_figures.ipynb #a14e418d
 def prototype_similarity(model, query, query_mask, cls: int, targets):
     "Cosine similarity (B,H,W) of the targets' decoder features to the mean feature of class `cls` in the query."
     dev = next(model.parameters()).device
@@ -696,7 +701,7 @@ def prototype_similarity(model, query, query_mask, cls: int, targets):
         sim = F.cosine_similarity(feat_t, proto[None, :, None, None], dim=1)
         return F.interpolate(sim[:, None], size=targets.shape[-2:], mode="bilinear", align_corners=False)[:, 0].cpu()
 
-# %% ../nbs/32_figures.ipynb #cdcc33a7
+# %% ../nbs/32_figures.ipynb #1f59229f
 @styled
 def similarity_grid(query_image, query_mask, cls: int, target_images, sims, class_name=None, target_masks=None,
                     alpha: float = 0.55, cell: float = 1.7):
@@ -731,7 +736,7 @@ def similarity_grid(query_image, query_mask, cls: int, target_images, sims, clas
     fig.suptitle(f"cosine similarity to the '{name}' prototype of the query", fontsize=9, y=1.03)
     return fig
 
-# %% ../nbs/32_figures.ipynb #6f754fbe
+# %% ../nbs/32_figures.ipynb #65c5ca42
 def similarity_from_run(run_dir, cls: int | None = None, n: int = 4, device: str = "cpu"):
     "Similarity maps of a run's network: query = the validation image with most pixels of `cls`, targets = `n` others."
     cfg, _ = R.run_config(run_dir)
@@ -763,7 +768,7 @@ def pipeline_pseudo_rows(table) -> list[dict]:
                      stage=q["subset"], pl_miou=q["pl_miou"]) for q in quality]
     return out
 
-# %% ../nbs/32_figures.ipynb #5ac7202f
+# %% ../nbs/32_figures.ipynb #99d9a9ae
 def _try(done: dict, skipped: dict, out_dir, name: str, make):
     "Draw figure `name` with `make()` into `out_dir` (`done[name]`: its paths), or say why not in `skipped`."
     try:
@@ -803,7 +808,7 @@ def _render_results(rows, draw, skipped):
     else:
         skipped["lambda"] = "no swept loss weight (" + ", ".join(weight_keys()[:3]) + ", ...)"
 
-# %% ../nbs/32_figures.ipynb #5004c79f
+# %% ../nbs/32_figures.ipynb #44d4b7b3
 def _render_records(rows, draw, skipped):
     "The figures of the runs' records: the two networks' agreement, pseudo-label quality."
     agree = [r for r in rows if r.get("status") in (None, "ok", "cached") and r.get("out_dir")
@@ -842,7 +847,7 @@ def _render_networks(rows, draw, done, skipped, device):
             break
     draw("training_curves", lambda: training_curves(picked))
 
-# %% ../nbs/32_figures.ipynb #df05dc1d
+# %% ../nbs/32_figures.ipynb #ee6bb771
 def render_all(table, out_dir, paper: bool = True, device: str = "cpu") -> tuple[dict, dict]:
     "Every figure the table supports, as PNG + PDF in `out_dir`: ({name: paths}, {name: reason skipped})."
     rows = as_rows(table)

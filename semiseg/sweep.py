@@ -42,14 +42,14 @@ TEMPLATE_PARAMS = ("method", "options", "dataset", "data_root", "train_split", "
                    "eval_every", "seed", "nproc", "device", "workers", "out_dir", "n_show")
 RUNNER_KEYS = ("nproc", "n_show", "options", "variant", "config")   # run parameters that are not semiseg-train keys
 
-# %% ../nbs/30_sweep.ipynb #b281c7e7
+# %% ../nbs/30_sweep.ipynb #0ac69b60
 def find_template(name: str = "train.ipynb") -> Path | None:
     "The template `nbs/exp/<name>`: in $SEMISEG_TEMPLATES, in the repository of an editable install, or in ./nbs/exp."
     cands = [Path(os.environ["SEMISEG_TEMPLATES"]) / name] if os.environ.get("SEMISEG_TEMPLATES") else []
     cands += [Path(semiseg.__file__).resolve().parents[1] / "nbs" / "exp" / name, Path.cwd() / "nbs" / "exp" / name]
     return next((c for c in cands if c.is_file()), None)
 
-# %% ../nbs/30_sweep.ipynb #31f218f3
+# %% ../nbs/30_sweep.ipynb #0c3d840b
 def with_config(params: dict) -> dict:
     "`params` laid over the values of its `config` files (semiseg-train config files, in order); unchanged without."
     files = params.get("config") or []
@@ -59,7 +59,7 @@ def with_config(params: dict) -> dict:
             raise FileNotFoundError(f"config={f}: no such semiseg-train config file (relative to {Path.cwd()})")
     return {**parse_args(files), **params} if files else params
 
-# %% ../nbs/30_sweep.ipynb #42fe4051
+# %% ../nbs/30_sweep.ipynb #1ebe76ec
 def split_params(params: dict) -> dict:
     "Template parameters: keys the template lists stay, all others (but the runner's own) move into `options`."
     params = with_config(params)
@@ -70,7 +70,7 @@ def split_params(params: dict) -> dict:
         out["options"] = opts
     return out
 
-# %% ../nbs/30_sweep.ipynb #12ebb16a
+# %% ../nbs/30_sweep.ipynb #2ecf3ea6
 def flat_config(params: dict) -> dict:
     "The flat `semiseg-train` options of a run: config files loaded, runner keys dropped, `options` merged."
     params = with_config(params)
@@ -80,7 +80,7 @@ def flat_config(params: dict) -> dict:
         flat["eval_every"] = max(1, int(flat.get("iters", 2000)) // 5)   # five points on the mIoU curve
     return flat
 
-# %% ../nbs/30_sweep.ipynb #49b65b34
+# %% ../nbs/30_sweep.ipynb #b7571a0a
 def injected_options(namespace: dict, method: str = TrainConfig.method) -> dict:
     "semiseg-train keys in `namespace` that the template does not list: what `papermill -f config.yaml` injects."
     keys = [f.name for f in dataclasses.fields(TrainConfig)]
@@ -103,7 +103,7 @@ def runs_root() -> Path:
     repo = _inside_nbs(Path.cwd())
     return (repo / "runs") if repo else Path("runs")
 
-# %% ../nbs/30_sweep.ipynb #27210b4e
+# %% ../nbs/30_sweep.ipynb #d107f860
 def record_path(out_dir, template=None) -> Path:
     "The record notebook of run directory `out_dir`: `<out_dir>.ipynb`, beside it."
     out_dir = Path(out_dir).resolve()
@@ -131,7 +131,7 @@ def _is_pipeline(name) -> bool:
     info = registered().get(name)
     return info is not None and info.pipeline
 
-# %% ../nbs/30_sweep.ipynb #1385e7f6
+# %% ../nbs/30_sweep.ipynb #5f8775b1
 def run_notebook(params: dict, out_dir, template=None, kernel: str = "python3", log_output: bool = False,
                  start_timeout: int = 120) -> dict:
     "Execute the papermill template for one run into `<out_dir>.ipynb`; return the run's results.json."
@@ -150,14 +150,14 @@ def run_notebook(params: dict, out_dir, template=None, kernel: str = "python3", 
                         kernel_name=kernel, log_output=log_output, progress_bar=False, start_timeout=start_timeout)
     return json.loads((out_dir / "results.json").read_text())
 
-# %% ../nbs/30_sweep.ipynb #4a4557e5
+# %% ../nbs/30_sweep.ipynb #5387d9c3
 def torchrun_command(config_file, nproc: int) -> list[str]:
     "The torchrun command line that trains `config_file` on `nproc` processes of this machine."
     torchrun = Path(sys.executable).parent / "torchrun"
     head = [str(torchrun)] if torchrun.exists() else [sys.executable, "-m", "torch.distributed.run"]
     return [*head, "--standalone", f"--nproc_per_node={nproc}", "-m", "semiseg.train", str(config_file)]
 
-# %% ../nbs/30_sweep.ipynb #0bc586ea
+# %% ../nbs/30_sweep.ipynb #f6a912b5
 def train_command(params: dict, out_dir) -> list[str]:
     "Write `<out_dir>/launch.json` with the run's flat config and return the command that trains it."
     out_dir = Path(out_dir).resolve()
@@ -169,7 +169,7 @@ def train_command(params: dict, out_dir) -> list[str]:
         raise ValueError(f"method={flat['method']} is a pipeline: its stages run in one process (nproc=1)")
     return torchrun_command(cfg_file, nproc) if nproc > 1 else [sys.executable, "-m", "semiseg.train", str(cfg_file)]
 
-# %% ../nbs/30_sweep.ipynb #6c5d1cc3
+# %% ../nbs/30_sweep.ipynb #c1c3df79
 def stream_command(cmd: list[str], tail: int = 60, **kw) -> int:
     "Run `cmd`, printing its output line by line as it comes; raise with the last `tail` lines if it fails."
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
@@ -182,13 +182,13 @@ def stream_command(cmd: list[str], tail: int = 60, **kw) -> int:
         raise RuntimeError(f"command failed with exit status {p.returncode}: {' '.join(cmd)}\n{''.join(last)}")
     return 0
 
-# %% ../nbs/30_sweep.ipynb #34fbc44c
+# %% ../nbs/30_sweep.ipynb #fc6ea9e4
 def run_cli(params: dict, out_dir) -> dict:
     "The same run without a notebook: semiseg.train (or torchrun) in a child process; return results.json."
     stream_command(train_command(params, out_dir), env={**os.environ, "PYTHONUNBUFFERED": "1"})
     return json.loads((Path(out_dir) / "results.json").read_text())
 
-# %% ../nbs/30_sweep.ipynb #fc5dd634
+# %% ../nbs/30_sweep.ipynb #aa2752ee
 RUNNERS = ("auto", "notebook", "cli")
 
 def pick_runner(runner: str, method=None, template=None) -> str:
@@ -199,7 +199,7 @@ def pick_runner(runner: str, method=None, template=None) -> str:
         runner = "notebook" if (template or find_template()) else "cli"
     return "cli" if _is_pipeline(method) else runner   # the template trains one network
 
-# %% ../nbs/30_sweep.ipynb #fd5af67a
+# %% ../nbs/30_sweep.ipynb #eb3fd878
 def launch(params: dict, out_dir, runner: str = "auto", template=None, **kw) -> dict:
     "One run with `runner` 'notebook' (papermill template), 'cli' (semiseg-train) or 'auto' (see `pick_runner`)."
     if pick_runner(runner, params.get("method"), template) == "notebook":
@@ -213,7 +213,7 @@ def strip_ansi(s: str) -> str:
     "`s` without terminal colour codes."
     return _ANSI.sub("", s)
 
-# %% ../nbs/30_sweep.ipynb #961615c8
+# %% ../nbs/30_sweep.ipynb #4b7716f6
 def _first_line(src: str) -> str:
     "The first line of a cell's source that is not an nbdev directive."
     lines = [line.strip() for line in (src or "").splitlines() if line.strip()]
@@ -238,7 +238,7 @@ def with_variants(grid, variants: dict | None = None):
         return grid
     return [{**g, "variant": g.get("variant", list(variants))} for g in _grids(grid)]
 
-# %% ../nbs/30_sweep.ipynb #fe8f24bf
+# %% ../nbs/30_sweep.ipynb #ab431e1d
 def _as_list(v) -> list:
     return list(v) if isinstance(v, (list, tuple)) else [v]
 
@@ -265,7 +265,7 @@ def expand_grid(grid, base: dict | None = None, variants: dict | None = None) ->
                 runs.append(run)
     return runs
 
-# %% ../nbs/30_sweep.ipynb #6d1f48c5
+# %% ../nbs/30_sweep.ipynb #5ae6cf73
 def grid_keys(grid) -> list[str]:
     "The keys a grid varies, in order of first appearance."
     out = []
@@ -273,7 +273,7 @@ def grid_keys(grid) -> list[str]:
         out += [k for k in g if k not in out]
     return out
 
-# %% ../nbs/30_sweep.ipynb #1a79f1a2
+# %% ../nbs/30_sweep.ipynb #2fc5e4ed
 def _slug(v) -> str:
     "A value as part of a file name: a path as its last folder and stem, a fraction '1/8' as '1of8'."
     if isinstance(v, (dict, list, tuple)):
@@ -321,7 +321,7 @@ def _finished_row(run_dir: Path, params: dict) -> dict:
         row.pop(k, None)
     return row
 
-# %% ../nbs/30_sweep.ipynb #fc4658e6
+# %% ../nbs/30_sweep.ipynb #29612c3e
 def _child_env(jobs: int) -> dict:
     "The environment of a sweep's child processes: unbuffered, passive OpenMP, the cores split between `jobs` runs."
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -330,7 +330,7 @@ def _child_env(jobs: int) -> dict:
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // jobs))
     return env
 
-# %% ../nbs/30_sweep.ipynb #9941c25b
+# %% ../nbs/30_sweep.ipynb #75ae75d7
 _ACTIVE: set = set()     # the sweep's running child processes, stopped when the sweep is interrupted
 
 def _kill_group(p: subprocess.Popen, grace: float = 10.0):
@@ -360,7 +360,7 @@ def _run_process(spec_file: Path, log_file: Path, env: dict, timeout: float | No
         finally:
             _ACTIVE.discard(p)
 
-# %% ../nbs/30_sweep.ipynb #52e26267
+# %% ../nbs/30_sweep.ipynb #e28e1c88
 def _one(spec_file: str):
     "Worker: execute one run spec; on failure write error.json and exit with status 1."
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -375,7 +375,7 @@ def _one(spec_file: str):
         traceback.print_exc()
         sys.exit(1)
 
-# %% ../nbs/30_sweep.ipynb #f0dc5258
+# %% ../nbs/30_sweep.ipynb #19ccac42
 def _validate(params: dict) -> str | None:
     "Why `params` is not a valid run (None if it is)."
     try:
@@ -408,7 +408,7 @@ def _sweep_row(name: str, params: dict, out_root: Path, spec: dict, env: dict, t
     row["wall_s"] = row.get("wall_s") or round(time.time() - t0, 1)
     return row
 
-# %% ../nbs/30_sweep.ipynb #81b83b1e
+# %% ../nbs/30_sweep.ipynb #5d7b51af
 def _progress(row: dict, n: int, total: int) -> str:
     "The line a sweep prints when a run finishes."
     msg = (f"mIoU {row['miou']:.2f}" if row.get("miou") is not None else
@@ -494,7 +494,7 @@ def parse_sweep_args(items: list[str]) -> tuple[dict, dict, dict]:
         grid = _sweep_file(Path(a), grid, base, settings)
     return grid, base, settings
 
-# %% ../nbs/30_sweep.ipynb #62e9f280
+# %% ../nbs/30_sweep.ipynb #10d9565a
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="semiseg-sweep", description="Run a grid of semiseg experiments, one process per "
                                  "run; results in <out>/results.csv.")
