@@ -43,7 +43,7 @@ test-slow: install
 demo: export OMP_WAIT_POLICY := PASSIVE
 demo:
 	@start=$$(date +%s); $(MAKE) --no-print-directory install && \
-	$(BIN)/semiseg-sweep --demo --out runs/demo --budget $$((840 - $$(date +%s) + start))
+	$(BIN)/semiseg-demo --out runs/demo --budget $$((840 - $$(date +%s) + start))
 
 bench: install
 	$(BIN)/semiseg-bench
