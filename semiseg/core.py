@@ -141,9 +141,9 @@ def all_gather_rows(t: torch.Tensor) -> torch.Tensor:
     "(world_size, *t.shape): `t` of every rank, in rank order, on `t`'s device (`t[None]` alone)."
     if not _distributed():
         return t[None]
-    out = t.new_empty(dist.get_world_size(), *t.shape)
-    dist.all_gather_into_tensor(out, t.contiguous())
-    return out
+    rows = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(rows, t.contiguous())
+    return torch.stack(rows)
 
 # %% ../nbs/00_core.ipynb #5fe463e0
 def nearest(name: str, choices) -> str:
