@@ -65,11 +65,11 @@ def test_cct_consistency_gradient_survives_fp16():
     from semiseg.config import make_config
     from semiseg.methods.cct import CCT
     torch.manual_seed(0)
-    cfg, opts = make_config(method="cct", crop=96)
+    cfg, opts = make_config(method="cct", crop=192, decoder="subpixel")   # no bias: fp16 logits
     m = CCT(cfg, opts, 21).train()
-    img = torch.randn(2, 3, 96, 96)
+    img = torch.randn(2, 3, 192, 192)
     with torch.autocast("cpu", dtype=torch.float16):
-        out = m(dict(image=img, mask=torch.full((2, 96, 96), 255)), [dict(image=img)], it=10_000)
+        out = m(dict(image=img, mask=torch.full((2, 192, 192), 255)), [dict(image=img)], it=10_000)
     (out["loss_unsup"] * 2.0 ** 16).backward()                      # GradScaler's initial scale
     g = m.aux.weight.grad
     assert out["loss_unsup"].dtype == torch.float32 and torch.isfinite(g).all()
