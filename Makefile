@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # torch/torchvision pinned for reproducibility; on a GPU server, install the CUDA build you need first.
 TORCH := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install test test-slow lint demo bench lab export clean-nbs check-clean
+.PHONY: install test test-slow lint demo bench gpu-check lab export clean-nbs check-clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -47,6 +47,12 @@ demo:
 
 bench: install
 	$(BIN)/semiseg-bench
+
+# every method in fp16 and bf16 on random VOC-shaped batches under torchrun + NCCL: one GPU, then two if there are two
+gpu-check: install
+	$(BIN)/torchrun --standalone --nproc_per_node=1 -m semiseg.bench --gpu-check
+	@if [ "$$($(BIN)/python -c 'import torch; print(torch.cuda.device_count())')" -ge 2 ]; then \
+	  $(BIN)/torchrun --standalone --nproc_per_node=2 -m semiseg.bench --gpu-check; fi
 
 lab: install
 	$(BIN)/jupyter lab --notebook-dir=nbs $(LAB_ARGS)

@@ -19,9 +19,10 @@ import torch
 import torch.distributed as dist
 
 # %% auto #0
-__all__ = ['IGNORE_INDEX', 'IMAGENET_MEAN', 'IMAGENET_STD', 'seed_everything', 'get_device', 'DistInfo', 'init_distributed',
-           'is_main', 'all_reduce_sum', 'nearest', 'atomic_write', 'write_json', 'read_json', 'atomic_save',
-           'load_checkpoint', 'load_weights']
+__all__ = ['IGNORE_INDEX', 'IMAGENET_MEAN', 'IMAGENET_STD', 'seed_everything', 'get_device', 'rank_seed', 'rng_state',
+           'set_rng_state', 'DistInfo', 'init_distributed', 'is_main', 'all_reduce_sum', 'barrier', 'sync_buffers',
+           'all_gather_rows', 'nearest', 'atomic_write', 'write_json', 'read_json', 'atomic_save', 'load_checkpoint',
+           'load_weights']
 
 # %% ../nbs/00_core.ipynb #c8ededcd
 IGNORE_INDEX = 255
@@ -37,12 +38,38 @@ def seed_everything(seed: int):
 
 # %% ../nbs/00_core.ipynb #6247afdc
 def get_device(name: str = "auto") -> torch.device:
-    "`'auto'` picks CUDA when available (the local rank's GPU under torchrun), else CPU."
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return torch.device("cpu")
+    "`'auto'` picks CUDA when available (the local rank's GPU under torchrun), else CPU; a missing GPU is named."
+    if name == "auto":
+        name = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device={name}: this machine has no usable CUDA GPU (torch {torch.__version__}, "
+                           f"built for CUDA {torch.version.cuda}); use device=cpu, or device=auto to pick what there is")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise RuntimeError(f"device={name}: this machine has {torch.cuda.device_count()} GPU(s); "
+                           f"use an index below {torch.cuda.device_count()} (under torchrun: device=auto)")
+    return device
+
+# %% ../nbs/00_core.ipynb #cb2e0fcc
+def rank_seed(seed: int, rank: int) -> int:
+    "The seed of rank `rank`'s random stream in a run seeded with `seed` (distinct per rank, reproducible)."
+    return int(np.random.SeedSequence((seed, rank, 0x5E6)).generate_state(1, np.uint64)[0] % 2**63)
+
+# %% ../nbs/00_core.ipynb #069bb60e
+def rng_state(device: torch.device | None = None) -> torch.Tensor:
+    "This process's torch random state as one uint8 tensor: the CPU generator's, then `device`'s if it is a GPU."
+    parts = [torch.get_rng_state()]
+    if device is not None and device.type == "cuda":
+        parts.append(torch.cuda.get_rng_state(device))
+    return torch.cat(parts)
+
+# %% ../nbs/00_core.ipynb #85651e34
+def set_rng_state(state: torch.Tensor, device: torch.device | None = None):
+    "Restore a state from `rng_state` (on the same kind of device)."
+    n = len(torch.get_rng_state())
+    torch.set_rng_state(state[:n].cpu())
+    if device is not None and device.type == "cuda" and len(state) > n:
+        torch.cuda.set_rng_state(state[n:].cpu(), device)
 
 # %% ../nbs/00_core.ipynb #eb70b40a
 @dataclass
@@ -66,10 +93,11 @@ def init_distributed(device: torch.device | None = None) -> DistInfo:
     env = os.environ
     info = DistInfo(int(env.get("RANK", 0)), int(env.get("LOCAL_RANK", 0)), int(env.get("WORLD_SIZE", 1)))
     if info.distributed and not dist.is_initialized():
-        cuda = device is not None and device.type == "cuda"
-        if cuda:
+        if device is not None and device.type == "cuda":
             torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if cuda else "gloo")
+            dist.init_process_group("cuda:nccl", device_id=device)
+        else:
+            dist.init_process_group("cpu:gloo")
     return info
 
 # %% ../nbs/00_core.ipynb #b4e6efc1
@@ -83,6 +111,39 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
+
+# %% ../nbs/00_core.ipynb #d628799e
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+# %% ../nbs/00_core.ipynb #09f89994
+def barrier(device: torch.device):
+    "Wait for every rank, with a collective on `device` (the device the process group serves; no-op alone)."
+    all_reduce_sum(torch.zeros(1, device=device))
+
+# %% ../nbs/00_core.ipynb #067fb42f
+@torch.no_grad()
+def sync_buffers(module: torch.nn.Module):
+    "Average the floating-point buffers (BatchNorm statistics) of `module` over all ranks, in place."
+    if not _distributed():
+        return module
+    bufs = [b for b in module.buffers() if b.dtype.is_floating_point]
+    for dtype in {b.dtype for b in bufs}:
+        group = [b for b in bufs if b.dtype == dtype]
+        flat = torch.cat([b.flatten() for b in group]) / dist.get_world_size()
+        all_reduce_sum(flat)
+        for b, v in zip(group, flat.split([b.numel() for b in group])):
+            b.copy_(v.view_as(b))
+    return module
+
+# %% ../nbs/00_core.ipynb #158768db
+def all_gather_rows(t: torch.Tensor) -> torch.Tensor:
+    "(world_size, *t.shape): `t` of every rank, in rank order, on `t`'s device (`t[None]` alone)."
+    if not _distributed():
+        return t[None]
+    rows = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(rows, t.contiguous())
+    return torch.stack(rows)
 
 # %% ../nbs/00_core.ipynb #5fe463e0
 def nearest(name: str, choices) -> str:
