@@ -161,7 +161,9 @@ def load_checkpoint(path, map_location="cpu", mmap: bool = False):
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
         return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
-    except (RuntimeError, pickle.UnpicklingError, EOFError, KeyError, ValueError, zipfile.BadZipFile) as e:
+    except PermissionError:
+        raise
+    except (RuntimeError, OSError, pickle.UnpicklingError, EOFError, KeyError, ValueError, zipfile.BadZipFile) as e:
         raise ValueError(f"cannot load the checkpoint {path}: {_checkpoint_problem(path, e)}. Replace it with a good "
                          "copy; to resume training without it, resume=false starts the run over in its folder, or "
                          "pass another out_dir") from None

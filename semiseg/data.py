@@ -234,8 +234,9 @@ def _split_ids(root, split, folder) -> list[str]:
     if not (p.suffix == '.txt' or p.is_file() or len(p.parts) > 1):
         p = Path(root)/folder/f'{split}.txt'
     if not p.is_file():
-        raise FileNotFoundError(f'split file {p} not found (split={split!r}: a name under {Path(root)/folder} '
-                                'or a path to a split file)')
+        raise FileNotFoundError(f'split file {p} not found: a split (train_split=, val_split=) names a file under '
+                                f'{Path(root)/folder}, or is the path of a split file, e.g. '
+                                'train_split=/lists/train.txt')
     ids = read_split(p)
     if not ids:
         raise ValueError(f'split file {p} lists no images (only blank lines or # comments): one id per line')
