@@ -24,10 +24,12 @@ __all__ = ['TrainConfig', 'config_dict', 'make_config', 'full_config', 'parse_ar
 _CHOICES = {"dataset": DATASETS, "backbone": BACKBONES, "output_stride": (8, 16), "optimizer": ("adamw", "sgd"),
             "amp": ("auto", "fp16", "bf16", "off"), "eval_protocol": PROTOCOLS}
 
+# %% ../nbs/09_config.ipynb #6929834d
 def _int_at_least(lo: int, meaning: str = ""):
     "(test, description) of an integer option's range."
     return (lambda v: isinstance(v, int) and v >= lo), f"an integer >= {lo}{meaning}"
 
+# %% ../nbs/09_config.ipynb #019dffd0
 _RANGES = {   # option: (is the value valid?, what it must be); None passes where it is the default
     "iters": _int_at_least(1, " (training iterations)"),
     "batch_size": _int_at_least(1), "batch_size_u": _int_at_least(1), "crop": _int_at_least(1, " (pixels)"),
@@ -92,7 +94,7 @@ def _check_options(cfg):
         except (RuntimeError, TypeError):
             raise ValueError(f"device={cfg.device!r}: expected auto, cpu, cuda or cuda:<index>") from None
     parse_labeled(cfg.labeled)
-    if cfg.labeled_split and str(cfg.labeled) != "1/16":
+    if cfg.labeled_split and cfg.labeled != type(cfg).labeled:
         warnings.warn(f"labeled={cfg.labeled} is ignored: labeled_split={cfg.labeled_split} lists the labeled "
                       "images (give one of the two)", stacklevel=4)
     _check_out_dir(cfg.run_dir(), cfg.out_dir)
