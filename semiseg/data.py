@@ -365,8 +365,8 @@ def load_yaml(text:str, source:str):
     finally:
         loader.dispose()
     for key, lines in loader.twice:
-        warnings.warn(f"{source}: '{key}' is given {len(lines)} times (lines {', '.join(map(str, lines))}): only the "
-                      "last value counts; keep one", stacklevel=2)
+        warnings.warn(f"{source}: duplicate key '{key}' (lines {', '.join(map(str, lines))}): only the last value "
+                      "counts; keep one", stacklevel=2)
     return data
 
 # %% ../nbs/02_data.ipynb #e54bec88

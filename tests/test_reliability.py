@@ -190,7 +190,7 @@ def test_config_files_and_values(tmp_path):
     (tmp_path / "evil.yaml").write_text("iters: !!python/object/apply:os.system ['echo pwned']\n")
     fails(lambda: parse_args([str(tmp_path / "evil.yaml")]), "evil.yaml: line 1, column 8: a !!python/... tag")
     (tmp_path / "twice.yaml").write_text("lr: 0.001\niters: 2\nlr: 0.01\n")
-    with pytest.warns(UserWarning, match=r"twice.yaml: 'lr' is given 2 times \(lines 1, 3\)"):
+    with pytest.warns(UserWarning, match=r"twice.yaml: duplicate key 'lr' \(lines 1, 3\)"):
         assert parse_args([str(tmp_path / "twice.yaml")])["lr"] == 0.01
     fails(lambda: parse_args(["scale=[0.5,"]), "scale=[0.5,: not valid YAML")
     assert parse_args(["lr=1e-3", "weight_decay=5e-4"]) == dict(lr=1e-3, weight_decay=5e-4)
