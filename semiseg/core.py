@@ -7,10 +7,13 @@ Docs: https://semiseg.github.io/semiseg/core.html.md"""
 # %% ../nbs/00_core.ipynb #558a593c
 from __future__ import annotations
 import difflib
+import errno
 import json
 import os
+import pickle
 import random
 import tempfile
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -169,9 +172,12 @@ def atomic_write(path, data: bytes | str | Callable) -> Path:
         os.replace(tmp, path)
         for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a writer killed mid-write
             stale.unlink(missing_ok=True)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise OSError(e.errno, f"no space left on the disk of {path}: writing it failed and its previous version, "
+                          "if any, is kept; free some space (or choose another out_dir) and run again") from None
         raise
     return path
 
@@ -197,13 +203,31 @@ def atomic_save(obj, path) -> Path:
     "`torch.save` `obj` to `path` atomically."
     return atomic_write(path, lambda f: torch.save(obj, f))
 
+# %% ../nbs/00_core.ipynb #aa0d3a5b
+def _checkpoint_problem(path: Path, e: Exception) -> str:
+    "What is wrong with a checkpoint file `torch.load` refused (`e`), in words."
+    if path.stat().st_size == 0:
+        return "the file is empty (0 bytes)"
+    if not zipfile.is_zipfile(path):
+        return "the file is not a PyTorch checkpoint (cut short, or another kind of file)"
+    if isinstance(e, pickle.UnpicklingError):
+        return "it holds Python objects other than tensors and plain values, which semiseg does not load"
+    return "the file is damaged or cut short"
+
 # %% ../nbs/00_core.ipynb #f2429c4a
-def load_checkpoint(path, map_location="cpu"):
-    "Load a checkpoint written by `atomic_save` (tensors and plain values only)."
+def load_checkpoint(path, map_location="cpu", mmap: bool = False):
+    "Load a checkpoint written by `atomic_save` (tensors and plain values only; `mmap`: tensors read on first use)."
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    return torch.load(path, map_location=map_location, weights_only=True)
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except PermissionError:
+        raise
+    except (RuntimeError, OSError, pickle.UnpicklingError, EOFError, KeyError, ValueError, zipfile.BadZipFile) as e:
+        raise ValueError(f"cannot load the checkpoint {path}: {_checkpoint_problem(path, e)}. Replace it with a good "
+                         "copy; to resume training without it, resume=false starts the run over in its folder, or "
+                         "pass another out_dir") from None
 
 # %% ../nbs/00_core.ipynb #bf6c74cf
 def load_weights(model: torch.nn.Module, state: dict, source="checkpoint"):

@@ -33,7 +33,7 @@ from .data import Data, build_data, collate
 from .metrics import evaluate
 from .method import Method, get_method, method_info
 from .config import TrainConfig, make_config, config_dict, full_config, parse_args, usage
-from .runs import config_diff
+from .runs import check_config, check_resume, trim_metrics
 from .check import check_dataset
 
 # %% auto #0
@@ -228,9 +228,6 @@ def resume(run: Run):
     if not (run.cfg.resume and path.exists()):
         return
     ck = load_checkpoint(path)
-    if ck.get("method") != run.cfg.method:
-        raise ValueError(f"{path} was written by method={ck.get('method')}, not {run.cfg.method}: "
-                         "use another out_dir or resume=false")
     backbone = ck.get("config", {}).get("backbone")
     load_weights(run.method, ck["model"], f"{path} (method={ck.get('method')}, backbone={backbone})")
     run.opt.load_state_dict(ck["optimizer"])
@@ -256,8 +253,7 @@ def open_run_dir(run: Run):
     run.out.mkdir(parents=True, exist_ok=True)
     metrics = run.out / "metrics.jsonl"
     if metrics.exists():                               # drop records written after the checkpoint we resume from
-        keep = [line for line in metrics.read_text().splitlines() if json.loads(line)["it"] <= run.start]
-        metrics.write_text("".join(line + "\n" for line in keep))
+        trim_metrics(run.out, run.start)
     write_json(run.out / "config.json", config_dict(run.cfg, run.opts))
     write_json(run.out / "env.json", env_info(run.device, run.info.world_size))
     run.log = open(metrics, "a")
@@ -435,6 +431,7 @@ def train(cfg: TrainConfig | None = None, opts=None, **kw) -> dict:
         cfg, opts = make_config(kw)
     opts = opts if opts is not None else get_method(cfg.method).Options()
     t0 = time.time()
+    check_resume(cfg, opts)
     run = setup(cfg, opts)
     resume(run)
     distribute(run)
@@ -468,10 +465,7 @@ def run_stage(**options) -> dict:
     done = read_json(out / "results.json", None)
     if done is None:
         return train(**options)
-    diff = config_diff(read_json(out / "config.json"), full_config(options))
-    if diff:
-        changes = ", ".join(f"{k}={old!r} not {new!r}" for k, (old, new) in diff.items())
-        raise ValueError(f"{out} holds a finished run with other options ({changes}): use another out_dir")
+    check_config(read_json(out / "config.json"), full_config(options), out)
     return done
 
 # %% ../nbs/12_train.ipynb #40a0a3c4
@@ -483,8 +477,10 @@ def _run_pipeline(options: dict) -> dict:
     device = get_device(cfg.device)
     init_distributed(device)                     # under torchrun: every stage and every labelling step use it
     out = Path(cfg.out_dir or Path("runs") / cfg.run_name())
+    config = {**full_config(options), "out_dir": str(out)}
+    check_config(read_json(out / "config.json", None) or config, config, out)
     if is_main():
-        write_json(out / "config.json", {**full_config(options), "out_dir": str(out)})
+        write_json(out / "config.json", config)
     own = {f.name for f in dataclasses.fields(info.cls.Options)}
     train_options = {k: v for k, v in options.items()
                      if k not in own and "." not in k and k not in ("method", "out_dir")}
