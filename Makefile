@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # torch/torchvision pinned for reproducibility; on a GPU server, install the CUDA build you need first.
 TORCH := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install test test-slow lint demo bench lab export clean-nbs check-clean
+.PHONY: install test test-slow lint demo bench gpu-check lab export clean-nbs check-clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -43,10 +43,16 @@ test-slow: install
 demo: export OMP_WAIT_POLICY := PASSIVE
 demo:
 	@start=$$(date +%s); $(MAKE) --no-print-directory install && \
-	$(BIN)/semiseg-sweep --demo --out runs/demo --budget $$((840 - $$(date +%s) + start))
+	$(BIN)/semiseg-demo --out runs/demo --budget $$((840 - $$(date +%s) + start))
 
 bench: install
 	$(BIN)/semiseg-bench
+
+# every method in fp16 and bf16 on random VOC-shaped batches under torchrun + NCCL: one GPU, then two if there are two
+gpu-check: install
+	$(BIN)/torchrun --standalone --nproc_per_node=1 -m semiseg.bench --gpu-check
+	@if [ "$$($(BIN)/python -c 'import torch; print(torch.cuda.device_count())')" -ge 2 ]; then \
+	  $(BIN)/torchrun --standalone --nproc_per_node=2 -m semiseg.bench --gpu-check; fi
 
 lab: install
 	$(BIN)/jupyter lab --notebook-dir=nbs $(LAB_ARGS)

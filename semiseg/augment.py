@@ -6,12 +6,13 @@ Docs: https://semiseg.github.io/semiseg/augment.html.md"""
 
 # %% ../nbs/06_augment.ipynb #dfb807d5
 from __future__ import annotations
+import functools
 import math
 from dataclasses import dataclass
 import torch
 import torch.nn as nn
 from fastcore.basics import patch
-from torchvision.io import decode_jpeg, encode_jpeg
+from kornia.enhance import jpeg_codec_differentiable
 from torchvision.transforms.v2 import functional as TF
 from .core import IGNORE_INDEX, all_reduce_sum
 from .transforms import denormalize, normalize
@@ -34,8 +35,17 @@ STRONG_RANGES = dict(
 
 # %% ../nbs/06_augment.ipynb #98e3a241
 def _uniform(n, lo, hi, g, like):
-    "n per-sample magnitudes uniform in [lo, hi), drawn with generator g (CPU), on like's device/dtype."
-    return (torch.rand(n, generator=g) * (hi - lo) + lo).to(like.device, like.dtype)
+    "n per-sample magnitudes uniform in [lo, hi), drawn with generator g on like's device, in like's dtype."
+    return torch.rand(n, generator=g, device=like.device, dtype=like.dtype) * (hi - lo) + lo
+
+# %% ../nbs/06_augment.ipynb #10fd837f
+def _fp32(op):
+    "Run the photometric op `op(x, g, ...)` in float32 with autocast off; return x's dtype."
+    @functools.wraps(op)
+    def run(x, g=None, **kw):
+        with torch.autocast(x.device.type, enabled=False):
+            return op(x.float(), g, **kw).to(x.dtype)
+    return run
 
 # %% ../nbs/06_augment.ipynb #84e93285
 def _to_uint8(x):
@@ -50,9 +60,10 @@ def _gray(x):
 # %% ../nbs/06_augment.ipynb #9b456c6f
 _PERMS = torch.tensor([[0, 2, 1], [1, 0, 2], [1, 2, 0], [2, 0, 1], [2, 1, 0]])  # the five non-identity channel orders
 
+@_fp32
 def channel_shuffle(x, g=None):
     "Reorder the RGB channels of each image by one of the five non-identity permutations."
-    idx = _PERMS[torch.randint(len(_PERMS), (len(x),), generator=g)].to(x.device)
+    idx = _PERMS.to(x.device)[torch.randint(len(_PERMS), (len(x),), generator=g, device=x.device)]
     return x.gather(1, idx[:, :, None, None].expand_as(x))
 
 # %% ../nbs/06_augment.ipynb #082a77eb
@@ -73,6 +84,7 @@ def _hue_rotate(x, turns):
     return torch.einsum("bij,bjhw->bihw", m, x)
 
 # %% ../nbs/06_augment.ipynb #2931e796
+@_fp32
 def color_jitter(x, g=None, brightness=0.5, contrast=0.5, saturation=0.5, hue=0.25):
     "Brightness, contrast, saturation and hue, each with its own random factor per image (torchvision's definitions)."
     b = len(x)
@@ -90,55 +102,63 @@ def color_jitter(x, g=None, brightness=0.5, contrast=0.5, saturation=0.5, hue=0.
 # %% ../nbs/06_augment.ipynb #117b1366
 _SUBSETS = torch.tensor([[1, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 0], [1, 0, 1], [0, 1, 1], [1, 1, 1]], dtype=torch.bool)
 
+@_fp32
 def invert_channel(x, g=None):
     "Invert (1 - x) a random non-empty subset of the channels of each image (all three: Albumentations' InvertImg)."
-    m = _SUBSETS[torch.randint(len(_SUBSETS), (len(x),), generator=g)].to(x.device)[:, :, None, None]
+    m = _SUBSETS.to(x.device)[torch.randint(len(_SUBSETS), (len(x),), generator=g, device=x.device)][:, :, None, None]
     return torch.where(m, 1 - x, x)
 
 # %% ../nbs/06_augment.ipynb #d8546783
+@_fp32
 def coarse_dropout(x, g=None, max_holes=8, size=(1/32, 1/8)):
     "Black out 1..`max_holes` random boxes per image, each side a random fraction `size` of the image side."
-    b, _, h, w = x.shape
-    n = torch.randint(1, max_holes + 1, (b,), generator=g)
-    bh = (torch.rand(b, max_holes, generator=g) * (size[1] - size[0]) + size[0]).mul(h).round().clamp(min=1).long()
-    bw = (torch.rand(b, max_holes, generator=g) * (size[1] - size[0]) + size[0]).mul(w).round().clamp(min=1).long()
-    y0 = (torch.rand(b, max_holes, generator=g) * (h - bh + 1)).floor().long()
-    x0 = (torch.rand(b, max_holes, generator=g) * (w - bw + 1)).floor().long()
-    ys, xs = torch.arange(h).view(1, 1, h, 1), torch.arange(w).view(1, 1, 1, w)
+    (b, _, h, w), dev = x.shape, x.device
+
+    def rand():
+        return torch.rand(b, max_holes, generator=g, device=dev)
+
+    n = torch.randint(1, max_holes + 1, (b,), generator=g, device=dev)
+    bh = (rand() * (size[1] - size[0]) + size[0]).mul(h).round().clamp(min=1).long()
+    bw = (rand() * (size[1] - size[0]) + size[0]).mul(w).round().clamp(min=1).long()
+    y0, x0 = (rand() * (h - bh + 1)).floor().long(), (rand() * (w - bw + 1)).floor().long()
+    ys, xs = torch.arange(h, device=dev).view(1, 1, h, 1), torch.arange(w, device=dev).view(1, 1, 1, w)
     inside = ((ys >= y0[..., None, None]) & (ys < (y0 + bh)[..., None, None]) &
               (xs >= x0[..., None, None]) & (xs < (x0 + bw)[..., None, None]))
-    hole = (inside & (torch.arange(max_holes) < n[:, None])[..., None, None]).any(1, keepdim=True)
-    return x.masked_fill(hole.to(x.device), 0.0)
+    hole = (inside & (torch.arange(max_holes, device=dev) < n[:, None])[..., None, None]).any(1, keepdim=True)
+    return x.masked_fill(hole, 0.0)
 
 # %% ../nbs/06_augment.ipynb #839e3ea2
+@_fp32
 def jpeg_compression(x, g=None, quality=(10, 50)):
-    "Encode and decode each image as JPEG at a random quality (torchvision.io, on the CPU)."
-    q = torch.randint(quality[0], quality[1] + 1, (len(x),), generator=g).tolist()
-    u8 = _to_uint8(x).cpu()
-    out = torch.stack([decode_jpeg(encode_jpeg(im, quality=qi)) for im, qi in zip(u8, q)])
-    return out.to(x.device, x.dtype) / 255
+    "Encode and decode each image as JPEG at its own random quality (kornia's batched codec, on x's device)."
+    q = torch.randint(quality[0], quality[1] + 1, (len(x),), generator=g, device=x.device)
+    return jpeg_codec_differentiable(x.clamp(0, 1), q.float()).clamp(0, 1)
 
 # %% ../nbs/06_augment.ipynb #5ae66039
+@_fp32
 def solarize(x, g=None, threshold=(0.4, 0.9)):
     "Invert the pixels above a random threshold."
     t = _uniform(len(x), *threshold, g, x).view(-1, 1, 1, 1)
     return torch.where(x >= t, 1 - x, x)
 
 # %% ../nbs/06_augment.ipynb #984417dd
+@_fp32
 def salt_pepper(x, g=None, amount=(0.01, 0.1)):
     "Set a random fraction of the pixels (all channels) to white (salt) or black (pepper), half each."
     b, _, h, w = x.shape
     a = _uniform(b, *amount, g, x).view(b, 1, 1, 1)
-    r = torch.rand(b, 1, h, w, generator=g).to(x)
+    r = torch.rand(b, 1, h, w, generator=g, device=x.device)
     return torch.where(r < a / 2, torch.ones_like(x), torch.where(r < a, torch.zeros_like(x), x))
 
 # %% ../nbs/06_augment.ipynb #990443d2
+@_fp32
 def noise_gau(x, g=None, sigma=(0.02, 0.1)):
     "Add Gaussian noise of a random standard deviation, clipped to [0, 1]."
     s = _uniform(len(x), *sigma, g, x).view(-1, 1, 1, 1)
-    return (x + s * torch.randn(x.shape, generator=g).to(x)).clamp(0, 1)
+    return (x + s * torch.randn(x.shape, generator=g, device=x.device)).clamp(0, 1)
 
 # %% ../nbs/06_augment.ipynb #4ec9d475
+@_fp32
 def equalize(x, g=None):
     "Histogram equalisation of each channel (torchvision, on the image quantised to uint8)."
     return TF.equalize(_to_uint8(x)).to(x.dtype) / 255
@@ -148,20 +168,38 @@ STRONG_OPS = dict(channel_shuffle=channel_shuffle, color_jitter=color_jitter, in
                   coarse_dropout=coarse_dropout, jpeg_compression=jpeg_compression, solarize=solarize,
                   salt_pepper=salt_pepper, noise_gau=noise_gau, equalize=equalize)
 
+# %% ../nbs/06_augment.ipynb #f2a145b7
+def _apply_rows(x, drawn, names, g):
+    "One round: each op on the images that drew it (`drawn`: op index per image); reads `drawn` on the host."
+    x = x.clone()
+    for i, name in enumerate(names):
+        rows = (drawn == i).nonzero().flatten()
+        if len(rows):
+            x[rows] = STRONG_OPS[name](x[rows], g, **STRONG_RANGES.get(name, {}))
+    return x
+
+# %% ../nbs/06_augment.ipynb #54e0734b
+def _apply_where(x, drawn, names, g):
+    "One round: every op on the whole batch, each image keeping the op it drew; no data-dependent shapes."
+    out, drawn = x, drawn.view(-1, 1, 1, 1)
+    for i, name in enumerate(names):
+        out = torch.where(drawn == i, STRONG_OPS[name](x, g, **STRONG_RANGES.get(name, {})), out)
+    return out
+
 # %% ../nbs/06_augment.ipynb #fd31a4d6
 def strong_augment(images: torch.Tensor, # normalised float batch (B, 3, H, W): the weak views
                    n: int = 3,           # ops per sample, drawn with replacement from `ops`
                    ops: list | None = None, # names from `STRONG_OPS` (default: all nine)
-                   generator: torch.Generator | None = None) -> torch.Tensor:
+                   generator: torch.Generator | None = None,
+                   batched: bool | None = None # every op on every image, no host sync (default: off the CPU)
+                  ) -> torch.Tensor:
     "UCC's strong view of a normalised batch: `n` random photometric ops per sample, random magnitudes, same geometry."
     names = list(ops or STRONG_OPS)
+    apply = _apply_where if (images.device.type != "cpu" if batched is None else batched) else _apply_rows
     x = denormalize(images.float()).clamp(0, 1)
-    choice = torch.randint(len(names), (len(x), n), generator=generator)
+    choice = torch.randint(len(names), (len(x), n), generator=generator, device=x.device)
     for k in range(n):
-        for i, name in enumerate(names):
-            rows = (choice[:, k] == i).nonzero().flatten().to(x.device)
-            if len(rows):
-                x[rows] = STRONG_OPS[name](x[rows], generator, **STRONG_RANGES.get(name, {}))
+        x = apply(x, choice[:, k], names, generator)
     return normalize(x).to(images.dtype)
 
 # %% ../nbs/06_augment.ipynb #fd33732e
@@ -236,7 +274,7 @@ def sample_paste_classes(conf: torch.Tensor,   # σ̂ (C,)
     p = paste_probs(conf.to(allowed.device), allowed, mapping)
     some = allowed.any(1)
     p = torch.where(some[:, None], p, torch.ones_like(p))  # rows with nothing to paste: draw anything, drop below
-    idx = torch.multinomial(p.cpu(), draws, replacement=True, generator=generator).to(allowed.device)
+    idx = torch.multinomial(p, draws, replacement=True, generator=generator)   # on the labels' device
     sel = torch.zeros_like(allowed).scatter_(1, idx, True)
     return sel & some[:, None]
 
@@ -320,7 +358,7 @@ def classes(self: StrongAndPaste, src_y: torch.Tensor) -> torch.Tensor:
     o = self.opts
     mapping = o.paste_mapping if self.dynamic else "uniform"
     sel = sample_paste_classes(self.conf.value, src_y, o.paste_draws, mapping, self.exclude)
-    return sel & (torch.rand(len(src_y)) < o.paste_p).to(sel.device)[:, None]
+    return sel & (torch.rand(len(src_y), device=sel.device) < o.paste_p)[:, None]
 
 # %% ../nbs/06_augment.ipynb #15876011
 @patch
@@ -333,7 +371,7 @@ def paste(self: StrongAndPaste, x, y, xu):
     xl, yl, _ = copy_paste(x[src], y[src], x, y, self.classes(y[src]))
     if mode not in ("cscp", "dcscp") or xu is None:
         return xl, yl, xu, None, None
-    src_u = torch.randint(len(x), (len(xu),)).to(x.device)             # unlabeled target <- random labeled source
+    src_u = torch.randint(len(x), (len(xu),), device=x.device)         # unlabeled target <- random labeled source
     empty = torch.full(xu.shape[:1] + xu.shape[2:], IGNORE_INDEX, dtype=y.dtype, device=y.device)
     xu, lu, mu = copy_paste(x[src_u], y[src_u], xu, empty, self.classes(y[src_u]))
     return xl, yl, xu, mu, lu

@@ -15,7 +15,10 @@ import tempfile
 import time
 from pathlib import Path
 import torch
-from .core import get_device, seed_everything, write_json
+import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.flop_counter import FlopCounterMode
+from .core import all_reduce_sum, get_device, init_distributed, seed_everything, write_json
 from . import data as D
 from .models import build_model
 from .losses import ce_loss
@@ -25,7 +28,8 @@ from .check import check_dataset
 from .train import make_optimizer, stream, train
 
 # %% auto #0
-__all__ = ['method_step_s', 'bare_step_s', 'trainer_step_s', 'loader_batches_per_s', 'run_benchmark', 'main']
+__all__ = ['PEAK_TFLOPS', 'make_step', 'method_step_s', 'step_flops', 'bare_step_s', 'trainer_step_s', 'loader_batches_per_s',
+           'run_benchmark', 'peak_tflops', 'gpu_check', 'main']
 
 # %% ../nbs/13_bench.ipynb #445eabea
 def _batch(b, size, nc, device):
@@ -47,28 +51,48 @@ def _timed(fn, iters: int, warmup: int, device) -> float:
         torch.cuda.synchronize(device)
     return (time.perf_counter() - t) / iters
 
-# %% ../nbs/13_bench.ipynb #f12fcc90
-def method_step_s(method: str = "supervised", batch: int = 8, batch_u: int = 8, size: int = 64, num_classes: int = 7,
-                  iters: int = 20, warmup: int = 5, device: str = "auto", **options) -> float:
-    "Seconds per optimisation step of `method` on random batches."
+# %% ../nbs/13_bench.ipynb #2841a0c6
+def make_step(method: str = "supervised", batch: int = 8, batch_u: int = 8, size: int = 64, num_classes: int = 7,
+              device: str = "auto", amp: torch.dtype | None = None, ddp: bool = False, **options):
+    "(step, method, images per step): one optimisation step of `method` on fixed random batches (`amp`: autocast)."
     dev = get_device(device)
     seed_everything(0)
     cfg, opts = make_config(method=method, batch_size=batch, batch_size_u=batch_u, crop=size, **options)
     m = get_method(method)(cfg, opts, num_classes).to(dev).train()
+    model = DDP(m, device_ids=[dev.index] if dev.type == "cuda" else None,
+                find_unused_parameters=m.find_unused_parameters) if ddp else m
     opt = make_optimizer(cfg, m.param_groups(cfg.lr, cfg.head_lr_mult))   # the trainer's optimiser (AdamW by default)
+    scaler = torch.amp.GradScaler(dev.type, enabled=amp == torch.float16)
     lb = _batch(batch, size, num_classes, dev)
     ub = [_batch(batch_u, size, num_classes, dev) for _ in range(m.needs_unlabeled)] or None
     it = [0]
 
-    def step():
-        terms = m(lb, ub, it[0])
+    def step() -> dict:
+        with torch.autocast(dev.type, dtype=amp or torch.float32, enabled=amp is not None):
+            terms = model(lb, ub, it[0])
         loss = sum(v for k, v in terms.items() if k.startswith("loss"))
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
         m.after_step(it[0])
         it[0] += 1
-    return _timed(step, iters, warmup, dev)
+        return terms
+    return step, m, batch + batch_u * m.needs_unlabeled
+
+# %% ../nbs/13_bench.ipynb #f12fcc90
+def method_step_s(method: str = "supervised", batch: int = 8, batch_u: int = 8, size: int = 64, num_classes: int = 7,
+                  iters: int = 20, warmup: int = 5, device: str = "auto", **options) -> float:
+    "Seconds per optimisation step of `method` on random batches."
+    step, _, _ = make_step(method, batch, batch_u, size, num_classes, device, **options)
+    return _timed(step, iters, warmup, get_device(device))
+
+# %% ../nbs/13_bench.ipynb #c0c06bc0
+def step_flops(step) -> int:
+    "Floating-point operations of one call of `step` (matrix products and convolutions, forward and backward)."
+    with FlopCounterMode(display=False) as counter:
+        step()
+    return counter.get_total_flops()
 
 # %% ../nbs/13_bench.ipynb #98a41621
 def bare_step_s(batch: int = 8, size: int = 64, num_classes: int = 7, iters: int = 20, warmup: int = 5,
@@ -112,7 +136,7 @@ def loader_batches_per_s(batches: int = 100, batch: int = 8, workers: int = 2, d
 
 # %% ../nbs/13_bench.ipynb #87ace6fb
 def _one(method: str, batch: int, batch_u: int, size: int, device: str, backbone: str = "tiny") -> dict:
-    "Step time and peak memory of one method (or the bare network), in this process."
+    "Step time, FLOPs, images per second and peak memory of one method (or the bare network), in this process."
     dev = get_device(device)
     try:
         s = (bare_step_s(batch, size, device=device, backbone=backbone) if method == "bare" else
@@ -121,18 +145,26 @@ def _one(method: str, batch: int, batch_u: int, size: int, device: str, backbone
         return dict(skipped=str(e))  # a method that needs options (e.g. a teacher checkpoint)
     mem = (torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else
            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**20
-    return dict(step_s=s, peak_mem_mb=mem)
+    if method == "bare":
+        return dict(step_s=s, peak_mem_mb=mem)
+    step, _, images = make_step(method, batch, batch_u, size, device=device, backbone=backbone)
+    flops = step_flops(step)
+    return dict(step_s=s, peak_mem_mb=mem, flops=flops, gflop_per_s=flops / s / 1e9, images_per_s=images / s)
 
 # %% ../nbs/13_bench.ipynb #39abc84b
 def _print_table(res: dict):
-    "The benchmark's results as a table."
-    print(f"{'configuration':<14}{'step (ms)':>10}{'peak MB':>9}{'× supervised':>14}")
+    "The benchmark's results as a table; `outside`: time ratio to supervised over FLOP ratio (cost outside networks)."
+    print(f"{'configuration':<14}{'step (ms)':>10}{'img/s':>8}{'GFLOP/s':>9}{'peak MB':>9}{'× supervised':>14}"
+          f"{'outside':>9}")
+    sup = res["supervised"]
     for k, v in res.items():
         if "skipped" in v:
             print(f"{k:<14} skipped: {v['skipped']}")
-        if "peak_mem_mb" in v:
-            ratio = v["step_s"] / res["supervised"]["step_s"]
-            print(f"{k:<14}{v['step_s'] * 1e3:>10.1f}{v['peak_mem_mb']:>9.0f}{ratio:>14.2f}")
+        if "flops" in v:
+            ratio = v["step_s"] / sup["step_s"]
+            v["outside"] = ratio / (v["flops"] / sup["flops"])
+            print(f"{k:<14}{v['step_s'] * 1e3:>10.1f}{v['images_per_s']:>8.0f}{v['gflop_per_s']:>9.1f}"
+                  f"{v['peak_mem_mb']:>9.0f}{ratio:>14.2f}{v['outside']:>9.2f}")
     if "trainer" in res:
         print(f"trainer loop: {res['trainer']['step_s'] * 1e3:.1f} ms/it, overhead over a bare forward/backward/step "
               f"{res['trainer']['overhead'] * 100:+.1f}%")
@@ -168,6 +200,64 @@ def run_benchmark(methods=None, batch: int = 8, batch_u: int = 8, size: int = 64
     write_json(out, res)
     return res
 
+# %% ../nbs/13_bench.ipynb #178427f0
+PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "RTX 4090": 165.0, "A10G": 70.0,
+               "L4": 121.0, "V100": 125.0}   # dense fp16/bf16 tensor-core peaks (fp32 accumulate), TFLOP/s
+
+# %% ../nbs/13_bench.ipynb #206e3e1e
+def peak_tflops(device: torch.device) -> float | None:
+    "The dense fp16/bf16 peak of `device` from `PEAK_TFLOPS` (None: CPU or a GPU not in the table)."
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+
+# %% ../nbs/13_bench.ipynb #a170a6a4
+def _trained_parts(m: nn.Module) -> list[str]:
+    "Problems of the method's top-level parts with trainable parameters: no (or a zero) gradient, non-finite weights."
+    bad = []
+    for name, part in m.named_children():
+        params = [p for p in part.parameters() if p.requires_grad]
+        if params and not any(p.grad is not None and bool((p.grad != 0).any()) for p in params):
+            bad.append(f"{name}: no gradient")   # (a step the fp16 loss scaler skips has inf gradients: not counted)
+        if any(not p.isfinite().all() for p in params):
+            bad.append(f"{name}: non-finite weights")
+    return bad
+
+# %% ../nbs/13_bench.ipynb #18ffd81d
+def gpu_check(methods=None, device: str = "auto", tiny: bool = False, iters: int = 20,
+              dtypes=(torch.float16, torch.bfloat16), out: str | None = "runs/bench/gpu_check.json") -> dict:
+    "Every method a few steps per dtype under DDP (when launched by torchrun): finite, gradients everywhere, TFLOP/s."
+    dev = get_device(device)
+    info = init_distributed(dev)
+    shape = (dict(batch=2, batch_u=2, size=32, backbone="tiny", output_stride=8) if tiny else
+             dict(batch=8, batch_u=8, size=321, backbone="resnet50", output_stride=16))
+    methods = list(methods or [n for n, i in registered().items() if not i.pipeline and n != "ciscr_rectify"])
+    res, peak = {}, peak_tflops(dev)
+    for method in methods:
+        for dtype in dtypes:
+            step, m, images = make_step(method, device=str(dev), amp=dtype, ddp=info.distributed, **shape)
+            flops = step_flops(step)
+            terms = [step() for _ in range(2)][-1]
+            bad = [k for k, v in terms.items() if k.startswith("loss") and not torch.isfinite(v).all()]
+            bad += _trained_parts(m)
+            s = _timed(step, iters, 1, dev)
+            failed = all_reduce_sum(torch.tensor([float(bool(bad))], device=dev)).item()
+            if failed:
+                raise AssertionError(f"{method} in {dtype}: " + ("; ".join(bad) or "failed on another rank"))
+            tflops = flops / s / 1e12
+            res[f"{method}/{str(dtype)[6:]}"] = dict(step_s=s, images_per_s=images * info.world_size / s,
+                                                   tflops=tflops, of_peak=tflops / peak if peak else None)
+    if info.main:
+        print(f"{'method/dtype':<26}{'step (ms)':>10}{'img/s':>8}{'TFLOP/s':>9}{'of peak':>9}")
+        for k, v in res.items():
+            share = f"{v['of_peak']:.1%}" if v["of_peak"] is not None else "unknown"
+            print(f"{k:<26}{v['step_s'] * 1e3:>10.1f}{v['images_per_s']:>8.0f}{v['tflops']:>9.2f}{share:>9}")
+        if out:
+            write_json(out, dict(results=res, world_size=info.world_size, device=str(dev), peak_tflops=peak,
+                                 gpu=torch.cuda.get_device_name(dev) if dev.type == "cuda" else None))
+    return res
+
 # %% ../nbs/13_bench.ipynb #63c59178
 def main(argv=None):
     "Console entry point `semiseg-bench`."
@@ -181,8 +271,13 @@ def main(argv=None):
     ap.add_argument("--backbone", default="tiny",
                     help="network of every method (e.g. resnet50 at --size 128 for the papers' encoder)")
     ap.add_argument("--no-pipeline", action="store_true", help="time the methods only (no trainer, loader or checker)")
+    ap.add_argument("--gpu-check", action="store_true", help="every method under fp16 and bf16 (run with torchrun)")
+    ap.add_argument("--tiny", action="store_true", help="--gpu-check in a tiny configuration (tests, CPU)")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
+    if a.gpu_check:
+        gpu_check(a.methods, a.device, a.tiny, iters=2 if a.tiny else 20)
+        return
     if a.one:
         print(json.dumps(_one(a.one, a.batch, a.batch_u, a.size, a.device, a.backbone)))
         return

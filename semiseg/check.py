@@ -7,8 +7,10 @@ Docs: https://semiseg.github.io/semiseg/check.html.md"""
 # %% ../nbs/11_check.ipynb #4099ac17
 from __future__ import annotations
 import os
+import statistics
 import sys
 import time
+import warnings
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -20,7 +22,7 @@ from .method import method_info
 from .config import make_config, parse_args
 
 # %% auto #0
-__all__ = ['Problem', 'check_item', 'check_items', 'check_dataset', 'main']
+__all__ = ['EMPTY_SHARE', 'LARGE_AREA', 'Problem', 'scan_item', 'check_item', 'check_items', 'check_dataset', 'main']
 
 # %% ../nbs/11_check.ipynb #be4e4973
 @dataclass
@@ -35,14 +37,14 @@ class Problem:
 
 # %% ../nbs/11_check.ipynb #41ed7f6e
 def _open(path, what):
-    "(mode, fully decoded array) of an image file, or a Problem."
+    "(upright image, its EXIF orientation) of an image file, fully decoded, or a Problem."
     try:
         if os.path.getsize(path) == 0:
             return Problem("undecodable", str(path),
                            f"the {what} file is empty (0 bytes): re-extract or re-download it")
         with Image.open(path) as im:
             im.load()
-            return im.mode, np.asarray(im)
+        return D.upright(im), im.getexif().get(0x0112, 1)
     except FileNotFoundError:
         return Problem("missing file", str(path), f"the {what} does not exist")
     except (UnidentifiedImageError, OSError, SyntaxError) as e:
@@ -61,57 +63,83 @@ def _decode_colours(mask, palette, path, ignore_index=IGNORE_INDEX) -> tuple[np.
                          f"palette of classes.yaml, e.g. {cols}: training would ignore them (255); add the colours to "
                          "the palette, or repaint those pixels (anti-aliased or JPEG-saved masks blend colours)")]
 
-# %% ../nbs/11_check.ipynb #090e6993
-def check_item(item, num_classes: int, label_map=None, ignore_index: int = IGNORE_INDEX, cityscapes: bool = False,
-               palette=None) -> list[Problem]:
-    "Every problem of one `(id, image_path, mask_path)` item (`palette`: a folder dataset's colours)."
+# %% ../nbs/11_check.ipynb #f587ac38
+def _mask_problems(mask, mp, num_classes, label_map, ignore_index, cityscapes) -> tuple[list[Problem], int | None]:
+    "(problems of a mask's values, how many of its pixels belong to a class) after the label map."
+    values = np.unique(mask)
+    if values.min() < 0 or values.max() > 255:
+        return [Problem("mask values", str(mp), f"values up to {int(values.max())}: masks hold class indices "
+                        "0..255 (8-bit palette or grayscale PNGs); save the mask as 8-bit")], None
+    if cityscapes and ignore_index in values:
+        return [Problem("trainIds as labelIds", str(mp), f"contains {ignore_index}, which labelIds never do: "
+                        "this looks like a *_gtFine_trainIds.png image; use the official *_gtFine_labelIds.png "
+                        "files (semiseg maps labelIds to the 19 train ids itself)")], None
+    counts = np.bincount(mask.astype(np.uint8).ravel(), minlength=256)
+    lut = np.arange(256) if label_map is None else np.asarray(label_map).astype(np.int64)
+    mapped = np.bincount(lut, weights=counts, minlength=256)
+    bad = [int(v) for v in np.flatnonzero(mapped) if v >= num_classes and v != ignore_index]
+    probs = [Problem("mask values", str(mp), f"values {bad} are outside the {num_classes} classes "
+                     f"0..{num_classes - 1} and the ignore value {ignore_index}: fix the mask, or set the right "
+                     "number of classes")] if bad else []
+    return probs, int(mapped[:num_classes].sum())
+
+# %% ../nbs/11_check.ipynb #732a55f6
+def scan_item(item, num_classes: int, label_map=None, ignore_index: int = IGNORE_INDEX, cityscapes: bool = False,
+              palette=None) -> tuple[list[Problem], dict]:
+    "(problems, facts) of one `(id, image_path, mask_path)` item; facts: size, rotated (EXIF), valid (labeled pixels)."
     _, ip, mp = item
     img = _open(ip, "image")
     probs = [img] if isinstance(img, Problem) else []
+    facts = dict(path=str(ip), size=None, rotated=False, valid=None)
+    if not probs:
+        facts.update(size=img[0].size, rotated=img[1] != 1)
     m = None if mp is None else _open(mp, "mask")
     if m is None or isinstance(m, Problem):
-        return probs + ([m] if m is not None else [])
-    mode, mask = m
+        return probs + ([m] if m is not None else []), facts
+    mask = np.asarray(m[0])
     if mask.ndim == 3 and palette is not None:
         mask, lost = _decode_colours(mask, palette, mp, ignore_index)
         probs += lost
     if mask.ndim == 3:
-        return probs + [Problem("colour mask", str(mp), f"a {mode} mask of shape {mask.shape}: masks must be "
-                                "palette ('P') or grayscale ('L') PNGs whose pixel values are class indices; convert "
-                                "the colours to indices (or give the palette in classes.yaml for a folder dataset)")]
-    if not isinstance(img, Problem) and img[1].shape[:2] != mask.shape:
-        probs.append(Problem("size mismatch", str(mp), f"mask is {mask.shape[1]}x{mask.shape[0]} but its image {ip} is "
-                             f"{img[1].shape[1]}x{img[1].shape[0]}: masks must match their images pixel for pixel"))
-    values = np.unique(mask)
-    if cityscapes and ignore_index in values:
-        return probs + [Problem("trainIds as labelIds", str(mp), f"contains {ignore_index}, which labelIds never do: "
-                                "this looks like a *_gtFine_trainIds.png image; use the official *_gtFine_labelIds.png "
-                                "files (semiseg maps labelIds to the 19 train ids itself)")]
-    mapped = np.unique(np.asarray(label_map)[values]) if label_map is not None else values
-    bad = [int(v) for v in mapped if v >= num_classes and v != ignore_index]
-    if bad:
-        probs.append(Problem("mask values", str(mp), f"values {bad} are outside the {num_classes} classes "
-                             f"0..{num_classes - 1} and the ignore value {ignore_index}: fix the mask, or set the "
-                             "right number of classes"))
-    return probs
+        colour = Problem("colour mask", str(mp), f"a {m[0].mode} mask of shape {mask.shape}: masks must be palette "
+                         "('P') or grayscale ('L') PNGs whose pixel values are class indices; convert the colours to "
+                         "indices (or give the palette in classes.yaml for a folder dataset)")
+        return probs + [colour], facts
+    if facts["size"] is not None and facts["size"] != mask.shape[::-1]:
+        (w, h), (mw, mh) = facts["size"], mask.shape[::-1]
+        turned = (f" once turned upright by its EXIF orientation {img[1]} (semiseg turns photos upright as viewers "
+                  "and annotation tools do); the mask matches the stored pixels: rotate the mask, or save the image "
+                  "upright without the orientation tag") if facts["rotated"] and (w, h) == (mh, mw) else \
+            ": masks must match their images pixel for pixel"
+        probs.append(Problem("size mismatch", str(mp), f"mask is {mw}x{mh} but its image {ip} is {w}x{h}{turned}"))
+    value_probs, facts["valid"] = _mask_problems(mask, mp, num_classes, label_map, ignore_index, cityscapes)
+    return probs + value_probs, facts
+
+# %% ../nbs/11_check.ipynb #090e6993
+def check_item(item, num_classes: int, label_map=None, ignore_index: int = IGNORE_INDEX, cityscapes: bool = False,
+               palette=None) -> list[Problem]:
+    "Every problem of one `(id, image_path, mask_path)` item (`palette`: a folder dataset's colours)."
+    return scan_item(item, num_classes, label_map, ignore_index, cityscapes, palette)[0]
 
 # %% ../nbs/11_check.ipynb #1eab4679
 def _check_chunk(args):
-    "The problems of a chunk of items (one task of the process pool)."
+    "The (problems, facts) of a chunk of items (one task of the process pool)."
     items, nc, lmap, cs, pal = args
-    return [p for it in items for p in check_item(it, nc, lmap, cityscapes=cs, palette=pal)]
+    return [(it[0], *scan_item(it, nc, lmap, cityscapes=cs, palette=pal)) for it in items]
 
 # %% ../nbs/11_check.ipynb #cfaac8a8
 def check_items(items, num_classes: int, label_map=None, cityscapes: bool = False, workers: int = 2,
-                palette=None) -> list[Problem]:
-    "Check all items, in `workers` processes (in this process when workers <= 1)."
+                palette=None) -> tuple[list[Problem], dict]:
+    "(problems, {id: facts}) of all items (`scan_item`), in `workers` processes (in this process when workers <= 1)."
     items = [tuple(None if x is None else str(x) for x in it) for it in items]
     n = max(1, workers) * 8
     chunks = [(items[i::n], num_classes, label_map, cityscapes, palette) for i in range(n)]
     if workers <= 1:
-        return [p for c in chunks for p in _check_chunk(c)]
-    with ProcessPoolExecutor(workers) as ex:
-        return [p for ps in ex.map(_check_chunk, chunks) for p in ps]
+        scans = [s for c in chunks for s in _check_chunk(c)]
+    else:
+        with ProcessPoolExecutor(workers) as ex:
+            scans = [s for ss in ex.map(_check_chunk, chunks) for s in ss]
+    return [p for _, ps, _ in scans for p in ps], {i: facts for i, _, facts in scans}
 
 # %% ../nbs/11_check.ipynb #420439b3
 def _duplicates(ids, where) -> list[Problem]:
@@ -120,8 +148,8 @@ def _duplicates(ids, where) -> list[Problem]:
             for i, n in Counter(ids).items() if n > 1]
 
 # %% ../nbs/11_check.ipynb #357372fa
-def _split_problems(cfg, ids: list[str]) -> list[Problem]:
-    "The problems of the labeled/unlabeled split of the training pool `ids`."
+def _split_problems(cfg, ids: list[str]) -> tuple[list[Problem], list[str]]:
+    "(problems, labeled ids) of the labeled/unlabeled split of the training pool `ids`."
     probs = []
     for f in (cfg.labeled_split, cfg.unlabeled_split):
         if f:
@@ -130,7 +158,7 @@ def _split_problems(cfg, ids: list[str]) -> list[Problem]:
         lab, unl = D.split_pool(list(dict.fromkeys(ids)), cfg.labeled, cfg.labeled_split, cfg.unlabeled_split,
                                 cfg.split_seed)
     except (ValueError, FileNotFoundError) as e:
-        return probs + [Problem("split", str(cfg.labeled_split or cfg.labeled), str(e))]
+        return probs + [Problem("split", str(cfg.labeled_split or cfg.labeled), str(e))], []
     overlap = sorted(set(lab) & set(unl))
     if overlap:
         probs.append(Problem("split overlap", str(cfg.unlabeled_split), f"{len(overlap)} ids are both labeled and "
@@ -143,32 +171,91 @@ def _split_problems(cfg, ids: list[str]) -> list[Problem]:
         probs.append(Problem("no unlabeled images", f"labeled={cfg.labeled}", f"method={cfg.method} is "
                              "semi-supervised but every training image is labeled: choose a smaller labeled share or "
                              "another split"))
-    return probs
+    return probs, lab
+
+# %% ../nbs/11_check.ipynb #39b7b6e4
+EMPTY_SHARE = 0.25      # warn when this share of a set's labeled images holds no labeled pixel
+LARGE_AREA = 16         # warn about images with this many times the pixels of the median image
+
+# %% ../nbs/11_check.ipynb #057046c7
+def _warn(kind: str, path: str, message: str):
+    "A finding that is not an error, as a warning (`semiseg-check-data` lists them after the problems)."
+    warnings.warn(str(Problem(kind, path, message)), stacklevel=3)
+
+# %% ../nbs/11_check.ipynb #caad6ab5
+def _label_problems(ids, facts: dict, where: str, cityscapes: bool) -> list[Problem]:
+    "An error if none of the labeled images `ids` holds a labeled pixel; a warning if `EMPTY_SHARE` of them hold none."
+    valid = [facts[i]["valid"] for i in dict.fromkeys(ids) if i in facts and facts[i]["valid"] is not None]
+    empty = sum(v == 0 for v in valid)
+    hint = (" after mapping label ids to train ids (masks that hold train ids — *_gtFine_trainIds.png saved under "
+            "the labelIds name — all map to ignore: use the *_gtFine_labelIds.png files)") if cityscapes else ""
+    if valid and empty == len(valid):
+        return [Problem("no labeled pixels", where, f"none of its {len(valid)} labeled images holds a pixel of a "
+                        f"class: every mask pixel is {IGNORE_INDEX} (ignore){hint}; training would learn nothing and "
+                        "evaluation is undefined: fix the masks")]
+    if valid and empty >= EMPTY_SHARE * len(valid):
+        _warn("mostly ignore", where, f"{empty} of its {len(valid)} labeled images ({empty / len(valid):.0%}) hold "
+              f"no pixel of a class (all {IGNORE_INDEX}, ignore){hint}: they add nothing; check their masks")
+    return []
+
+# %% ../nbs/11_check.ipynb #6a6e2737
+def _warn_findings(cfg, train_ids: list, val_ids: list, facts: dict):
+    "Warnings about the whole dataset: val overlapping the training pool, very large images, rotated photos."
+    both = sorted(set(train_ids) & set(val_ids))
+    if both:
+        same = set(train_ids) == set(val_ids)
+        _warn("val overlaps train", f"val_split={cfg.val_split}", f"{'is the same set as' if same else 'overlaps'} "
+              f"train_split={cfg.train_split}: {len(both)} images are in both (e.g. {both[:3]}), so the validation "
+              "score measures images the network trained on; use disjoint splits")
+    sized = [f for f in facts.values() if f["size"] is not None]
+    if sized:
+        median = statistics.median(w * h for w, h in (f["size"] for f in sized))
+        large = sorted((f for f in sized if f["size"][0] * f["size"][1] > LARGE_AREA * median),
+                       key=lambda f: -f["size"][0] * f["size"][1])
+        if large:
+            (w, h), m = large[0]["size"], round(median ** 0.5)
+            _warn("large image", large[0]["path"], f"{w}x{h} is {w * h / median:.0f} times larger (in pixels) than the "
+                  f"median image (about {m}x{m}), and {len(large)} image(s) are over {LARGE_AREA} times: each is "
+                  "decoded and augmented whole whenever it is drawn; resize them, or check that they belong here")
+    rotated = [f["path"] for f in facts.values() if f["rotated"]]
+    if rotated:
+        _warn("rotated photos", rotated[0], f"{len(rotated)} image(s) are stored rotated (EXIF orientation); semiseg "
+              "turns them upright as image viewers do, so their masks must match the upright view")
 
 # %% ../nbs/11_check.ipynb #96292d65
 def check_dataset(cfg, workers: int = 2) -> list[Problem]:
-    "All problems of the dataset, splits and files a training config points at."
+    "All problems of the dataset, splits and files a training config points at (findings that are not errors: warned)."
     try:
         spec = D.dataset_spec(cfg.dataset, cfg.data_root)
         pools = {split: spec.items(split) for split in (cfg.train_split, cfg.val_split)}
     except (FileNotFoundError, ValueError) as e:
-        return [Problem("missing", str(cfg.data_root), str(e))]
-    ids = [it[0] for it in pools[cfg.train_split]]
-    probs = _duplicates(ids, f"train_split={cfg.train_split}") + _split_problems(cfg, ids)
-    return probs + check_items(pools[cfg.train_split] + pools[cfg.val_split], spec.num_classes, spec.label_map,
+        return [Problem("missing" if isinstance(e, FileNotFoundError) else "dataset", f"dataset={cfg.dataset}", str(e))]
+    ids, val_ids = [it[0] for it in pools[cfg.train_split]], [it[0] for it in pools[cfg.val_split]]
+    split_probs, lab = _split_problems(cfg, ids)
+    probs, facts = check_items(pools[cfg.train_split] + pools[cfg.val_split], spec.num_classes, spec.label_map,
                                spec.name == "cityscapes", workers, spec.palette)
+    cs = spec.name == "cityscapes"
+    labels = _label_problems(lab, facts, f"train_split={cfg.train_split} (the labeled images)", cs)
+    labels += _label_problems(val_ids, facts, f"val_split={cfg.val_split}", cs)
+    _warn_findings(cfg, ids, val_ids, facts)
+    return _duplicates(ids, f"train_split={cfg.train_split}") + split_probs + probs + labels
 
 # %% ../nbs/11_check.ipynb #d96abf4b
 def main(argv=None):
     "Console entry point `semiseg-check-data`."
     argv = sys.argv[1:] if argv is None else argv
-    cfg, _ = make_config(parse_args(argv))
-    t = time.time()
-    probs = check_dataset(cfg)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cfg, _ = make_config(parse_args(argv))
+        t = time.time()
+        probs = check_dataset(cfg)
+    notes = list(dict.fromkeys(str(w.message) for w in caught))
     for p in probs:
         print(p)
-    print(f"{cfg.dataset} at {cfg.data_root or 'the embedded benchmark'}: "
-          f"{len(probs)} problem(s) found in {time.time() - t:.1f} s", file=sys.stderr)
+    for n in notes:
+        print(f"warning: {n}")
+    print(f"{cfg.dataset} at {cfg.data_root or 'the embedded benchmark'}: {len(probs)} problem(s) and "
+          f"{len(notes)} warning(s) found in {time.time() - t:.1f} s", file=sys.stderr)
     if probs:
         raise SystemExit(1)
 

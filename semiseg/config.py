@@ -7,14 +7,97 @@ Docs: https://semiseg.github.io/semiseg/config.html.md"""
 # %% ../nbs/09_config.ipynb #978791eb
 from __future__ import annotations
 import dataclasses
+import warnings
 from dataclasses import dataclass, asdict
 from pathlib import Path
-import yaml
+import torch
 from .core import nearest
+from .data import DATASETS, load_yaml, parse_labeled, read_yaml
+from .models import BACKBONES
+from .metrics import PROTOCOLS
 from .method import MethodInfo, method_info, registered
 
 # %% auto #0
 __all__ = ['TrainConfig', 'config_dict', 'make_config', 'full_config', 'parse_args', 'usage']
+
+# %% ../nbs/09_config.ipynb #3702379b
+_CHOICES = {"dataset": DATASETS, "backbone": BACKBONES, "output_stride": (8, 16), "optimizer": ("adamw", "sgd"),
+            "amp": ("auto", "fp16", "bf16", "off"), "eval_protocol": PROTOCOLS}
+
+# %% ../nbs/09_config.ipynb #6929834d
+def _int_at_least(lo: int, meaning: str = ""):
+    "(test, description) of an integer option's range."
+    return (lambda v: isinstance(v, int) and v >= lo), f"an integer >= {lo}{meaning}"
+
+# %% ../nbs/09_config.ipynb #019dffd0
+_RANGES = {   # option: (is the value valid?, what it must be); None passes where it is the default
+    "iters": _int_at_least(1, " (training iterations)"),
+    "batch_size": _int_at_least(1), "batch_size_u": _int_at_least(1), "crop": _int_at_least(1, " (pixels)"),
+    "lr_ref_batch": _int_at_least(1), "eval_crop": _int_at_least(1, " (pixels)"),
+    "ckpt_every": _int_at_least(1, " (iterations between checkpoints)"),
+    "log_every": _int_at_least(1, " (iterations between log lines)"),
+    "eval_every": _int_at_least(0, " (iterations between evaluations; 0: at the end only)"),
+    "workers": _int_at_least(0, " (0: load data in the training process)"),
+    "eval_batch_size": _int_at_least(0, " (0: automatic)"), "ohem_min_kept": _int_at_least(0),
+    "lr": ((lambda v: v > 0), "> 0"), "head_lr_mult": ((lambda v: v > 0), "> 0"),
+    "weight_decay": ((lambda v: v >= 0), ">= 0"), "poly_power": ((lambda v: v >= 0), ">= 0"),
+    "momentum": ((lambda v: 0 <= v < 1), "in [0, 1)"), "ohem_thresh": ((lambda v: 0 < v <= 1), "in (0, 1]"),
+}
+
+# %% ../nbs/09_config.ipynb #2efe46a2
+def _check_choices_and_ranges(cfg):
+    "Each option of `_CHOICES` and `_RANGES` against its allowed values (None only where it is the default)."
+    defaults = {f.name: f.default for f in dataclasses.fields(cfg)}
+    for name, choices in _CHOICES.items():
+        v = getattr(cfg, name)
+        if v not in choices:
+            hint = nearest(str(v), [str(c) for c in choices])
+            raise ValueError(f"{name}={v!r}: expected one of {', '.join(map(str, choices))}"
+                             + (f"; {hint}" if hint.startswith("did") else ""))
+    for name, (ok, what) in _RANGES.items():
+        v = getattr(cfg, name)
+        if v is None and defaults[name] is None:
+            continue
+        if v is None or isinstance(v, bool) or not isinstance(v, (int, float)) or not ok(v):
+            raise ValueError(f"{name}={v!r}: must be {what}")
+
+# %% ../nbs/09_config.ipynb #7f7581ef
+def _check_scale(scale):
+    "`scale`: none, a range [lo, hi] with 0 < lo <= hi, or a set of 1 or 3+ positive factors."
+    if scale is None:
+        return
+    ok = isinstance(scale, list) and scale and all(isinstance(s, (int, float)) and s > 0 for s in scale)
+    if not ok:
+        raise ValueError(f"scale={scale!r}: expected none, a range [lo, hi] such as [0.5, 2.0], or a list of "
+                         "positive factors such as [0.75, 1.0, 1.25]")
+    if len(scale) == 2 and scale[0] > scale[1]:
+        raise ValueError(f"scale={scale!r}: a range is [lo, hi] with lo <= hi: scale=[{scale[1]}, {scale[0]}]")
+
+# %% ../nbs/09_config.ipynb #1dff202a
+def _check_out_dir(out_dir: Path, given):
+    "An error if the run directory `out_dir` is a file or lies under one (`given`: the option as the user set it)."
+    blocked = next((p for p in (out_dir, *out_dir.parents) if p.exists() and not p.is_dir()), None)
+    if blocked is not None:
+        what = f"out_dir={given}" if given else f"the default out_dir {out_dir}"
+        raise ValueError(f"{what}: {blocked} is a file, not a folder; choose another out_dir")
+
+# %% ../nbs/09_config.ipynb #100ed9e8
+def _check_options(cfg):
+    "Every generic option of `cfg`: choices, ranges, the scale, the device, `labeled`, the run directory."
+    _check_choices_and_ranges(cfg)
+    _check_scale(cfg.scale)
+    if cfg.eval_protocol == "slide" and cfg.eval_crop is None:
+        raise ValueError(f"eval_protocol=slide needs eval_crop=<window size in pixels>, e.g. eval_crop={cfg.crop}")
+    if cfg.device != "auto":
+        try:
+            torch.device(cfg.device)
+        except (RuntimeError, TypeError):
+            raise ValueError(f"device={cfg.device!r}: expected auto, cpu, cuda or cuda:<index>") from None
+    parse_labeled(cfg.labeled)
+    if cfg.labeled_split and cfg.labeled != type(cfg).labeled:
+        warnings.warn(f"labeled={cfg.labeled} is ignored: labeled_split={cfg.labeled_split} lists the labeled "
+                      "images (give one of the two)", stacklevel=4)
+    _check_out_dir(cfg.run_dir(), cfg.out_dir)
 
 # %% ../nbs/09_config.ipynb #963984e8
 @dataclass
@@ -63,11 +146,18 @@ class TrainConfig:
     log_every: int = 50
     seed: int = 0
     out_dir: str | None = None        # default: runs/<method>-<dataset>-<labeled>-s<seed>
-    resume: bool = True               # continue from out_dir/ckpt/last.pt when it exists
+    resume: bool = True               # continue from out_dir/ckpt/last.pt when it exists (with the same options)
+
+    def __post_init__(self):
+        _check_options(self)
 
     def run_name(self) -> str:
         "The default run directory name: <method>-<dataset>-<labeled>-s<seed>."
         return f"{self.method}-{self.dataset}-{str(self.labeled).replace('/', 'of')}-s{self.seed}"
+
+    def run_dir(self) -> Path:
+        "The run directory: `out_dir`, by default runs/<run_name()>."
+        return Path(self.out_dir or Path("runs") / self.run_name())
 
     def eval_options(self) -> dict:
         "The keywords of `semiseg.metrics.evaluate` / `predict` for this run's evaluation protocol."
@@ -87,9 +177,11 @@ def _coerce(name, value, tp):
         raise ValueError(f"{name}={value!r}: expected true or false")
     for t in ("int", "float"):
         if base == [t] or base == [t, "None"]:
-            if isinstance(value, str):
+            if not isinstance(value, (int, float)):
                 raise ValueError(f"{name}={value!r}: expected a number ({tp})")
-            return _NUMERIC[t](value) if t == "float" or float(value).is_integer() else value
+            if t == "int" and not float(value).is_integer():
+                raise ValueError(f"{name}={value!r}: expected an integer")
+            return _NUMERIC[t](value)
     return value
 
 # %% ../nbs/09_config.ipynb #c6ceabf0
@@ -128,7 +220,9 @@ def make_config(d: dict | None = None, **kw):
     unknown = [k for k in d if k not in gen and k not in own]
     if unknown:
         k = unknown[0]
-        raise ValueError(f"unknown option '{k}' for method={info.name}: {nearest(k, [*gen, *own])}")
+        owners = [n for n, i in registered().items() if k in {f.name for f in dataclasses.fields(i.cls.Options)}]
+        hint = f"it is an option of method={', '.join(owners)}" if owners else nearest(k, [*gen, *own])
+        raise ValueError(f"unknown option '{k}' for method={info.name}: {hint}")
     return _build(TrainConfig, d), _build(info.cls.Options, d)
 
 # %% ../nbs/09_config.ipynb #3a6c36bd
@@ -171,12 +265,12 @@ def parse_args(argv: list[str]) -> dict:
     for a in argv:
         if "=" in a:
             k, v = a.split("=", 1)
-            d[k.strip()] = yaml.safe_load(v) if v.strip() else None
+            d[k.strip()] = load_yaml(v, f"{k.strip()}={v}") if v.strip() else None
             continue
         p = Path(a)
         if not p.exists():
             raise FileNotFoundError(f"config file not found: {p} (arguments are config files or key=value)")
-        loaded = yaml.safe_load(p.read_text()) or {}
+        loaded = read_yaml(p) or {}
         if not isinstance(loaded, dict):
             raise ValueError(f"{p}: a config file must hold a mapping of option: value")
         d.update(loaded)

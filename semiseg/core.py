@@ -7,10 +7,13 @@ Docs: https://semiseg.github.io/semiseg/core.html.md"""
 # %% ../nbs/00_core.ipynb #558a593c
 from __future__ import annotations
 import difflib
+import errno
 import json
 import os
+import pickle
 import random
 import tempfile
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -19,9 +22,10 @@ import torch
 import torch.distributed as dist
 
 # %% auto #0
-__all__ = ['IGNORE_INDEX', 'IMAGENET_MEAN', 'IMAGENET_STD', 'seed_everything', 'get_device', 'DistInfo', 'init_distributed',
-           'is_main', 'all_reduce_sum', 'nearest', 'atomic_write', 'write_json', 'read_json', 'atomic_save',
-           'load_checkpoint', 'load_weights']
+__all__ = ['IGNORE_INDEX', 'IMAGENET_MEAN', 'IMAGENET_STD', 'seed_everything', 'get_device', 'rank_seed', 'rng_state',
+           'set_rng_state', 'DistInfo', 'init_distributed', 'is_main', 'all_reduce_sum', 'barrier', 'sync_buffers',
+           'all_gather_rows', 'nearest', 'atomic_write', 'write_json', 'read_json', 'atomic_save', 'load_checkpoint',
+           'load_weights']
 
 # %% ../nbs/00_core.ipynb #c8ededcd
 IGNORE_INDEX = 255
@@ -37,12 +41,38 @@ def seed_everything(seed: int):
 
 # %% ../nbs/00_core.ipynb #6247afdc
 def get_device(name: str = "auto") -> torch.device:
-    "`'auto'` picks CUDA when available (the local rank's GPU under torchrun), else CPU."
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return torch.device("cpu")
+    "`'auto'` picks CUDA when available (the local rank's GPU under torchrun), else CPU; a missing GPU is named."
+    if name == "auto":
+        name = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device={name}: this machine has no usable CUDA GPU (torch {torch.__version__}, "
+                           f"built for CUDA {torch.version.cuda}); use device=cpu, or device=auto to pick what there is")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise RuntimeError(f"device={name}: this machine has {torch.cuda.device_count()} GPU(s); "
+                           f"use an index below {torch.cuda.device_count()} (under torchrun: device=auto)")
+    return device
+
+# %% ../nbs/00_core.ipynb #cb2e0fcc
+def rank_seed(seed: int, rank: int) -> int:
+    "The seed of rank `rank`'s random stream in a run seeded with `seed` (distinct per rank, reproducible)."
+    return int(np.random.SeedSequence((seed, rank, 0x5E6)).generate_state(1, np.uint64)[0] % 2**63)
+
+# %% ../nbs/00_core.ipynb #069bb60e
+def rng_state(device: torch.device | None = None) -> torch.Tensor:
+    "This process's torch random state as one uint8 tensor: the CPU generator's, then `device`'s if it is a GPU."
+    parts = [torch.get_rng_state()]
+    if device is not None and device.type == "cuda":
+        parts.append(torch.cuda.get_rng_state(device))
+    return torch.cat(parts)
+
+# %% ../nbs/00_core.ipynb #85651e34
+def set_rng_state(state: torch.Tensor, device: torch.device | None = None):
+    "Restore a state from `rng_state` (on the same kind of device)."
+    n = len(torch.get_rng_state())
+    torch.set_rng_state(state[:n].cpu())
+    if device is not None and device.type == "cuda" and len(state) > n:
+        torch.cuda.set_rng_state(state[n:].cpu(), device)
 
 # %% ../nbs/00_core.ipynb #eb70b40a
 @dataclass
@@ -66,10 +96,11 @@ def init_distributed(device: torch.device | None = None) -> DistInfo:
     env = os.environ
     info = DistInfo(int(env.get("RANK", 0)), int(env.get("LOCAL_RANK", 0)), int(env.get("WORLD_SIZE", 1)))
     if info.distributed and not dist.is_initialized():
-        cuda = device is not None and device.type == "cuda"
-        if cuda:
+        if device is not None and device.type == "cuda":
             torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if cuda else "gloo")
+            dist.init_process_group("cuda:nccl", device_id=device)
+        else:
+            dist.init_process_group("cpu:gloo")
     return info
 
 # %% ../nbs/00_core.ipynb #b4e6efc1
@@ -83,6 +114,39 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
+
+# %% ../nbs/00_core.ipynb #d628799e
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+# %% ../nbs/00_core.ipynb #09f89994
+def barrier(device: torch.device):
+    "Wait for every rank, with a collective on `device` (the device the process group serves; no-op alone)."
+    all_reduce_sum(torch.zeros(1, device=device))
+
+# %% ../nbs/00_core.ipynb #067fb42f
+@torch.no_grad()
+def sync_buffers(module: torch.nn.Module):
+    "Average the floating-point buffers (BatchNorm statistics) of `module` over all ranks, in place."
+    if not _distributed():
+        return module
+    bufs = [b for b in module.buffers() if b.dtype.is_floating_point]
+    for dtype in {b.dtype for b in bufs}:
+        group = [b for b in bufs if b.dtype == dtype]
+        flat = torch.cat([b.flatten() for b in group]) / dist.get_world_size()
+        all_reduce_sum(flat)
+        for b, v in zip(group, flat.split([b.numel() for b in group])):
+            b.copy_(v.view_as(b))
+    return module
+
+# %% ../nbs/00_core.ipynb #158768db
+def all_gather_rows(t: torch.Tensor) -> torch.Tensor:
+    "(world_size, *t.shape): `t` of every rank, in rank order, on `t`'s device (`t[None]` alone)."
+    if not _distributed():
+        return t[None]
+    rows = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(rows, t.contiguous())
+    return torch.stack(rows)
 
 # %% ../nbs/00_core.ipynb #5fe463e0
 def nearest(name: str, choices) -> str:
@@ -108,9 +172,12 @@ def atomic_write(path, data: bytes | str | Callable) -> Path:
         os.replace(tmp, path)
         for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a writer killed mid-write
             stale.unlink(missing_ok=True)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise OSError(e.errno, f"no space left on the disk of {path}: writing it failed and its previous version, "
+                          "if any, is kept; free some space (or choose another out_dir) and run again") from None
         raise
     return path
 
@@ -136,13 +203,31 @@ def atomic_save(obj, path) -> Path:
     "`torch.save` `obj` to `path` atomically."
     return atomic_write(path, lambda f: torch.save(obj, f))
 
+# %% ../nbs/00_core.ipynb #aa0d3a5b
+def _checkpoint_problem(path: Path, e: Exception) -> str:
+    "What is wrong with a checkpoint file `torch.load` refused (`e`), in words."
+    if path.stat().st_size == 0:
+        return "the file is empty (0 bytes)"
+    if not zipfile.is_zipfile(path):
+        return "the file is not a PyTorch checkpoint (cut short, or another kind of file)"
+    if isinstance(e, pickle.UnpicklingError):
+        return "it holds Python objects other than tensors and plain values, which semiseg does not load"
+    return "the file is damaged or cut short"
+
 # %% ../nbs/00_core.ipynb #f2429c4a
-def load_checkpoint(path, map_location="cpu"):
-    "Load a checkpoint written by `atomic_save` (tensors and plain values only)."
+def load_checkpoint(path, map_location="cpu", mmap: bool = False):
+    "Load a checkpoint written by `atomic_save` (tensors and plain values only; `mmap`: tensors read on first use)."
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    return torch.load(path, map_location=map_location, weights_only=True)
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except PermissionError:
+        raise
+    except (RuntimeError, OSError, pickle.UnpicklingError, EOFError, KeyError, ValueError, zipfile.BadZipFile) as e:
+        raise ValueError(f"cannot load the checkpoint {path}: {_checkpoint_problem(path, e)}. Replace it with a good "
+                         "copy; to resume training without it, resume=false starts the run over in its folder, or "
+                         "pass another out_dir") from None
 
 # %% ../nbs/00_core.ipynb #bf6c74cf
 def load_weights(model: torch.nn.Module, state: dict, source="checkpoint"):

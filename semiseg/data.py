@@ -12,9 +12,11 @@ import io
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path, PurePosixPath
@@ -22,18 +24,18 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 import torch
 import yaml
-from PIL import Image
+from PIL import Image, ImageOps
 from torchvision import tv_tensors
 from .core import IGNORE_INDEX, atomic_write, nearest
 from .transforms import train_transform, eval_transform
 
 # %% auto #0
 __all__ = ['VOC_CLASSES', 'CITYSCAPES_CLASSES', 'CITYSCAPES_LABEL_TO_TRAIN', 'IMAGE_EXTS', 'VOC_LAYOUT', 'CITYSCAPES_LAYOUT',
-           'FOLDER_LAYOUT', 'SYNTHETIC_VERSION', 'SYNTHETIC_CLASSES', 'voc_palette', 'label_lut', 'cityscapes_palette',
-           'colorize', 'mask_png', 'SegDataset', 'read_split', 'write_split', 'voc_items', 'cityscapes_items',
-           'read_classes', 'folder_items', 'n_labeled', 'partition', 'synthetic_scene', 'synthetic_sample',
-           'make_synthetic', 'DatasetSpec', 'dataset_spec', 'split_pool', 'Data', 'build_data', 'unlabeled_data',
-           'collate']
+           'FOLDER_LAYOUT', 'SYNTHETIC_VERSION', 'SYNTHETIC_CLASSES', 'DATASETS', 'voc_palette', 'label_lut',
+           'cityscapes_palette', 'colorize', 'mask_png', 'upright', 'open_image', 'SegDataset', 'read_split',
+           'write_split', 'voc_items', 'cityscapes_items', 'load_yaml', 'read_yaml', 'read_classes', 'folder_items',
+           'parse_labeled', 'n_labeled', 'partition', 'synthetic_scene', 'synthetic_sample', 'make_synthetic',
+           'DatasetSpec', 'dataset_spec', 'split_pool', 'Data', 'build_data', 'unlabeled_data', 'collate']
 
 # %% ../nbs/02_data.ipynb #15b854fa
 VOC_CLASSES = ('background', 'aeroplane', 'bicycle', 'bird', 'boat', 'bottle', 'bus', 'car', 'cat', 'chair', 'cow',
@@ -110,6 +112,18 @@ def _rgb_to_index(rgb:np.ndarray, palette:np.ndarray) -> np.ndarray:
     j = np.clip(np.searchsorted(codes, code), 0, len(codes) - 1)
     return np.where(codes[j] == code, first[j], IGNORE_INDEX).astype(np.uint8)
 
+# %% ../nbs/02_data.ipynb #e328d1f4
+def upright(im:Image.Image) -> Image.Image:
+    "`im` turned upright by its EXIF orientation (as viewers show it); `im` itself when it is upright already."
+    return im if im.getexif().get(0x0112, 1) == 1 else ImageOps.exif_transpose(im)
+
+# %% ../nbs/02_data.ipynb #3e32ae9d
+def open_image(path) -> Image.Image:
+    "The image file `path`, fully decoded and turned `upright`."
+    with Image.open(path) as im:
+        im.load()
+    return upright(im)
+
 # %% ../nbs/02_data.ipynb #c9697712
 class SegDataset(torch.utils.data.Dataset):
     "Items `(id, image_path, mask_path|None)` -> dict(image=Image uint8 (3,H,W), mask=Mask int64 (H,W), id=str)."
@@ -140,8 +154,7 @@ class SegDataset(torch.utils.data.Dataset):
         "The (H, W) class-index mask of `path` (raw indices, `palette` decoding, then `label_map`)."
         if path is None:
             return np.full(size[::-1], IGNORE_INDEX, np.uint8)
-        with Image.open(path) as im:
-            m = np.array(im)
+        m = np.array(open_image(path))
         if m.ndim == 3:
             if self.palette is None:
                 raise ValueError(f'{path} is a colour ({m.shape[2]}-channel) mask: save masks as palette or grayscale '
@@ -155,8 +168,7 @@ class SegDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         id_, ip, mp = self.items[i]
-        with Image.open(ip) as im:
-            img = np.array(im.convert('RGB'))
+        img = np.array(open_image(ip).convert('RGB'))
         m = self.read_mask(mp, img.shape[1::-1])
         image = tv_tensors.Image(torch.from_numpy(img).permute(2, 0, 1).contiguous())
         mask = tv_tensors.Mask(torch.from_numpy(m.astype(np.int64)))
@@ -173,10 +185,23 @@ IMAGE_EXTS = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp')
 
 # %% ../nbs/02_data.ipynb #559c4b3c
 def _line_id(line:str) -> str:
-    "The image id a split-file line names: its first field's file stem, without Cityscapes' `_leftImg8bit`."
-    p = PurePosixPath(line.split()[0].replace('\\', '/'))
+    "The image id a split-file line names: its first name's file stem, without Cityscapes' `_leftImg8bit`."
+    fields = line.split()
+    pair = len(fields) > 1 and all(PurePosixPath(f).suffix.lower() in IMAGE_EXTS for f in (fields[0], fields[-1]))
+    first = line.split('\t')[0] if '\t' in line else fields[0] if pair else line
+    p = PurePosixPath(first.strip().replace('\\', '/'))
     name = p.stem if p.suffix.lower() in IMAGE_EXTS else p.name
     return name[:-len('_leftImg8bit')] if name.endswith('_leftImg8bit') else name
+
+# %% ../nbs/02_data.ipynb #9b04097c
+def _read_text(path) -> str:
+    "The text of a UTF-8 file (a byte-order mark skipped); an error naming the file when it is not UTF-8."
+    data = Path(path).read_bytes()
+    try:
+        return data.decode('utf-8-sig')
+    except UnicodeDecodeError as e:
+        raise ValueError(f'{path} is not UTF-8 text (byte {data[e.start]:#04x} at position {e.start}): save it as '
+                         'UTF-8 (any editor can, e.g. "Save with encoding")') from None
 
 # %% ../nbs/02_data.ipynb #49735334
 def read_split(path) -> list[str]:
@@ -184,7 +209,7 @@ def read_split(path) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f'split file {path} not found')
-    lines = path.read_text().splitlines()
+    lines = _read_text(path).splitlines()
     return [_line_id(s) for s in lines if s.strip() and not s.lstrip().startswith('#')]
 
 # %% ../nbs/02_data.ipynb #e9202d0c
@@ -203,15 +228,19 @@ def _check_dir(path, what, layout):
     return path
 
 # %% ../nbs/02_data.ipynb #61f8c08e
-def _split_file(root, split, folder):
-    "`split` as a path to a split file, or a name resolved to root/folder/<name>.txt"
+def _split_ids(root, split, folder) -> list[str]:
+    "The ids of `split`: a path to a split file, or a name resolved to root/folder/<name>.txt; never none."
     p = Path(split)
     if not (p.suffix == '.txt' or p.is_file() or len(p.parts) > 1):
         p = Path(root)/folder/f'{split}.txt'
     if not p.is_file():
-        raise FileNotFoundError(f'split file {p} not found (split={split!r}: a name under {Path(root)/folder} '
-                                'or a path to a split file)')
-    return p
+        raise FileNotFoundError(f'split file {p} not found: a split (train_split=, val_split=) names a file under '
+                                f'{Path(root)/folder}, or is the path of a split file, e.g. '
+                                'train_split=/lists/train.txt')
+    ids = read_split(p)
+    if not ids:
+        raise ValueError(f'split file {p} lists no images (only blank lines or # comments): one id per line')
+    return ids
 
 # %% ../nbs/02_data.ipynb #626d2de0
 def _mask_or_fail(path, masks, layout):
@@ -247,7 +276,7 @@ def voc_items(root, # VOC2012 folder (JPEGImages, SegmentationClass[Aug], ImageS
         root = root/'VOCdevkit'/'VOC2012'
     _check_dir(root, 'VOC root', VOC_LAYOUT)
     _check_dir(root/'JPEGImages', 'image folder', VOC_LAYOUT)
-    ids = read_split(_split_file(root, split, 'ImageSets/Segmentation'))
+    ids = _split_ids(root, split, 'ImageSets/Segmentation')
     imgs, aug = _files(root/'JPEGImages'), _files(root/'SegmentationClassAug')
     items = []
     for i in ids:
@@ -278,7 +307,7 @@ def cityscapes_items(root, # folder holding leftImg8bit/ and gtFine/
     for s in splits:
         for f in sorted((root/'leftImg8bit'/s).glob('*/*_leftImg8bit.png')):
             found[f.name[:-len('_leftImg8bit.png')]] = (s, f)
-    ids = read_split(_split_file(root, split, '')) if is_file else list(found)
+    ids = _split_ids(root, split, '') if is_file else list(found)
     items = []
     for i in ids:
         if i not in found:
@@ -293,7 +322,76 @@ def cityscapes_items(root, # folder holding leftImg8bit/ and gtFine/
 FOLDER_LAYOUT = '''  <root>/images/<stem>.<jpg|png|...>
   <root>/masks/<stem>.png          (class indices; palette or grayscale PNG)
   <root>/classes.yaml              (`classes: [names]` and optional `palette: [[r, g, b], ...]`, or a list of names)
-  <root>/splits/<split>.txt        (optional split files)'''
+  <root>/splits/train.txt, val.txt (image stems, one per line: train_split=train, val_split=val; or pass
+                                    train_split=<file> val_split=<file>)'''
+
+# %% ../nbs/02_data.ipynb #1e627d5a
+class _Loader(yaml.SafeLoader):
+    "`yaml.safe_load`'s loader that also records keys given twice in a mapping."
+    def __init__(self, stream):
+        super().__init__(stream)
+        self.twice = []
+
+    def construct_mapping(self, node, deep=False):
+        lines = {}
+        for key, _ in node.value:
+            if isinstance(key, yaml.ScalarNode):
+                lines.setdefault(key.value, []).append(key.start_mark.line + 1)
+        self.twice += [(k, v) for k, v in lines.items() if len(v) > 1]
+        return super().construct_mapping(node, deep)
+
+
+_Loader.add_implicit_resolver('tag:yaml.org,2002:float', re.compile(r'^[-+]?[0-9][0-9_]*(\.[0-9_]*)?[eE][-+]?[0-9]+$'),
+                              list('-+0123456789'))
+
+# %% ../nbs/02_data.ipynb #608b1081
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    "Where and what a YAML error is, in words."
+    mark = getattr(e, 'problem_mark', None)
+    where = f'line {mark.line + 1}, column {mark.column + 1}: ' if mark else ''
+    if 'python/' in str(e):
+        return (f'{where}a !!python/... tag: semiseg reads plain data only (numbers, text, lists, mappings), never '
+                'Python objects; remove the tag')
+    return f'not valid YAML ({where}{getattr(e, "problem", None) or e})'
+
+# %% ../nbs/02_data.ipynb #6b23bb38
+def load_yaml(text:str, source:str):
+    "The plain data of YAML `text` (`source` names it in errors and warnings); keys given twice are warned about."
+    loader = _Loader(text)
+    try:
+        data = loader.get_single_data()
+    except yaml.YAMLError as e:
+        raise ValueError(f'{source}: {_yaml_problem(e)}') from None
+    finally:
+        loader.dispose()
+    for key, lines in loader.twice:
+        warnings.warn(f"{source}: duplicate key '{key}' (lines {', '.join(map(str, lines))}): only the last value "
+                      "counts; keep one", stacklevel=2)
+    return data
+
+# %% ../nbs/02_data.ipynb #e54bec88
+def read_yaml(path):
+    "The plain data of a YAML or JSON file (by its suffix); errors name the file, the line and the problem."
+    path = Path(path)
+    text = _read_text(path)
+    if path.suffix != '.json':
+        return load_yaml(text, str(path))
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f'{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})') from None
+
+# %% ../nbs/02_data.ipynb #7389abea
+def _palette(pal, f) -> np.ndarray:
+    "A classes file's palette as (256, 3) uint8; an error naming the file and the first bad entry."
+    if not isinstance(pal, list) or len(pal) > 256:
+        raise ValueError(f'{f}: palette must be a list of at most 256 [r, g, b] colours, got {pal!r:.80}')
+    for k, c in enumerate(pal):
+        ok = isinstance(c, list) and len(c) == 3 and all(isinstance(v, int) and 0 <= v <= 255 for v in c)
+        if not ok:
+            raise ValueError(f'{f}: palette entry {k} is {c!r}: each colour is [r, g, b] with three integers in 0..255')
+    return np.concatenate([np.asarray(pal, np.int64).reshape(-1, 3), np.zeros((256 - len(pal), 3), np.int64)]
+                          ).astype(np.uint8)
 
 # %% ../nbs/02_data.ipynb #150cde68
 def read_classes(root) -> tuple[list[str], np.ndarray|None]:
@@ -303,18 +401,15 @@ def read_classes(root) -> tuple[list[str], np.ndarray|None]:
     f = next((c for c in cands if c.is_file()), None)
     if f is None:
         raise FileNotFoundError(f'{cands[0]} (or .yml/.json) not found; expected layout:\n{FOLDER_LAYOUT}')
-    d = json.loads(f.read_text()) if f.suffix == '.json' else yaml.safe_load(f.read_text())
+    d = read_yaml(f)
     if isinstance(d, dict) and 'classes' not in d and 'names' not in d and all(isinstance(k, int) for k in d):
         d = [d[k] for k in sorted(d)]                        # {0: background, 1: ...}
-    names, pal = (d, None) if isinstance(d, list) else (d.get('classes', d.get('names')), d.get('palette'))
-    if not isinstance(names, list) or not names:
-        raise ValueError(f'{f}: expected a list of class names, got {names!r}')
-    if pal is not None:
-        pal = np.asarray(pal, np.int64)
-        if pal.ndim != 2 or pal.shape[1] != 3 or len(pal) > 256 or pal.min() < 0 or pal.max() > 255:
-            raise ValueError(f'{f}: palette must be a list of [r, g, b] triples in 0..255')
-        pal = np.concatenate([pal, np.zeros((256 - len(pal), 3), np.int64)]).astype(np.uint8)
-    return [str(n) for n in names], pal
+    names, pal = d, None
+    if isinstance(d, dict):
+        names, pal = d.get('classes', d.get('names')), d.get('palette')
+    if not isinstance(names, list) or not names or not all(isinstance(n, (str, int)) for n in names):
+        raise ValueError(f'{f}: expected a list of class names (`classes: [background, crack, rust]`), got {names!r}')
+    return [str(n) for n in names], None if pal is None else _palette(pal, f)
 
 # %% ../nbs/02_data.ipynb #24de6ad3
 def folder_items(root, # folder with images/, masks/, classes.yaml
@@ -333,7 +428,7 @@ def folder_items(root, # folder with images/, masks/, classes.yaml
     if not imgs:
         raise FileNotFoundError(f'no images ({", ".join(IMAGE_EXTS)}) in {root/"images"}; '
                                 f'expected layout:\n{FOLDER_LAYOUT}')
-    ids = list(imgs) if split is None else read_split(_split_file(root, split, 'splits'))
+    ids = list(imgs) if split is None else _split_ids(root, split, 'splits')
     items = []
     for i in ids:
         if i not in imgs:
@@ -342,10 +437,9 @@ def folder_items(root, # folder with images/, masks/, classes.yaml
     return items
 
 # %% ../nbs/02_data.ipynb #b32bad6b
-def n_labeled(labeled, # fraction (float or '1/16') or count (int or '92')
-              n:int # number of images in the pool
-             ) -> int:
-    "How many of `n` images `labeled` means: a count, or ceil(fraction * n)."
+def parse_labeled(labeled # fraction (float or '1/16') or count (int or '92')
+                 ) -> int|Fraction:
+    "`labeled` as a count (int >= 1) or a fraction in (0, 1]; an error naming the value otherwise."
     if isinstance(labeled, str):
         s = labeled.strip()
         try:
@@ -356,13 +450,25 @@ def n_labeled(labeled, # fraction (float or '1/16') or count (int or '92')
     if isinstance(labeled, bool) or not isinstance(labeled, (int, np.integer, float, Fraction)):
         raise ValueError(f'labeled={labeled!r}: expected a fraction (float or "1/16") or an integer count')
     if isinstance(labeled, (int, np.integer)):
-        if not 0 < labeled <= n:
-            raise ValueError(f'labeled={labeled} images: must be in 1..{n} (the pool size)')
+        if labeled < 1:
+            raise ValueError(f'labeled={labeled}: a count of labeled images must be >= 1')
         return int(labeled)
     f = Fraction(labeled).limit_denominator(10**6)
     if not 0 < f <= 1:
         raise ValueError(f'labeled={labeled}: a fraction must be in (0, 1]; pass an int for a count')
-    return max(1, math.ceil(f * n))
+    return f
+
+# %% ../nbs/02_data.ipynb #e8b028f6
+def n_labeled(labeled, # fraction (float or '1/16') or count (int or '92')
+              n:int # number of images in the pool
+             ) -> int:
+    "How many of `n` images `labeled` means: a count, or ceil(fraction * n)."
+    k = parse_labeled(labeled)
+    if isinstance(k, int):
+        if k > n:
+            raise ValueError(f'labeled={labeled} images: must be in 1..{n} (the pool size)')
+        return k
+    return max(1, math.ceil(k * n))
 
 # %% ../nbs/02_data.ipynb #0e027470
 def _key(seed, i):
@@ -544,6 +650,9 @@ class DatasetSpec:
         return SegDataset(items, transform=transform, label_map=self.label_map, class_names=self.class_names,
                           palette=self.palette)
 
+# %% ../nbs/02_data.ipynb #b635197e
+DATASETS = ('synthetic', 'voc', 'cityscapes', 'folder')
+
 # %% ../nbs/02_data.ipynb #ae86411b
 def dataset_spec(dataset:str, # synthetic | voc | cityscapes | folder
                  data_root=None # the dataset's folder (synthetic: a generated benchmark, or a cache to generate into)
@@ -553,9 +662,8 @@ def dataset_spec(dataset:str, # synthetic | voc | cityscapes | folder
         given = Path(data_root) if data_root else None
         root = given if given and (given/'ImageSets').is_dir() else make_synthetic(given)
         return DatasetSpec(dataset, root, list(SYNTHETIC_CLASSES), None, None, voc_palette(), True)
-    if dataset not in ('voc', 'cityscapes', 'folder'):
-        known = ['synthetic', 'voc', 'cityscapes', 'folder']
-        raise ValueError(f"unknown dataset '{dataset}': {nearest(dataset, known)}")
+    if dataset not in DATASETS:
+        raise ValueError(f"unknown dataset '{dataset}': {nearest(dataset, DATASETS)}")
     if data_root is None:
         raise ValueError(f'dataset={dataset} needs data_root=<path to the dataset>')
     root = Path(data_root).expanduser()
@@ -578,6 +686,8 @@ def split_pool(pool_ids:list, # the ids of the training pool
     if not labeled_split:
         return partition(pool_ids, labeled, seed=split_seed)
     lab = read_split(labeled_split)
+    if not lab:
+        raise ValueError(f'labeled_split={labeled_split} lists no images (only blank lines or # comments)')
     known = set(pool_ids)
     missing = [i for i in lab if i not in known]
     if missing:

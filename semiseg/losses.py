@@ -16,10 +16,9 @@ __all__ = ['ce_loss', 'OhemCE', 'softmax_mse', 'sigmoid_rampup', 'cps_loss', 'cp
 
 # %% ../nbs/04_losses.ipynb #4a847a1b
 def ce_loss(logits: torch.Tensor, target: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
-    "Cross-entropy over pixels whose target is not `ignore_index` (0 when there are none, not nan)."
-    if (target != ignore_index).any():
-        return F.cross_entropy(logits, target, ignore_index=ignore_index)
-    return logits.sum() * 0.0
+    "Cross-entropy over pixels whose target is not `ignore_index` (0 when there are none, not nan); float32."
+    total = F.cross_entropy(logits.float(), target, ignore_index=ignore_index, reduction="sum")
+    return total / (target != ignore_index).sum().clamp(min=1)   # no `if`: nothing to read back from the device
 
 # %% ../nbs/04_losses.ipynb #4603b75b
 class OhemCE(nn.Module):
@@ -29,13 +28,11 @@ class OhemCE(nn.Module):
         self.thresh, self.min_kept, self.ignore_index = thresh, min_kept, ignore_index
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         valid = target != self.ignore_index
-        if not valid.any():
-            return logits.sum() * 0.0
-        with torch.no_grad():
-            prob = logits.softmax(1).gather(1, target.clamp(max=logits.shape[1] - 1).unsqueeze(1)).squeeze(1)
-            vp = prob[valid]
-            k = min(self.min_kept, vp.numel())
-            thresh = max(self.thresh, vp.kthvalue(k).values.item()) if k > 0 else self.thresh
+        with torch.no_grad():                # ignored pixels count as certain (prob 2): the k-th smallest is valid's
+            prob = logits.float().softmax(1).gather(1, target.clamp(max=logits.shape[1] - 1).unsqueeze(1)).squeeze(1)
+            prob = torch.where(valid, prob, 2.0)
+            k = min(self.min_kept, prob.numel())
+            thresh = prob.flatten().kthvalue(k).values.clamp(min=self.thresh)   # fewer valid than k: all of them
             hard = valid & (prob <= thresh)
         return ce_loss(logits, torch.where(hard, target, torch.full_like(target, self.ignore_index)), self.ignore_index)
 

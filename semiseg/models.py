@@ -6,7 +6,8 @@ Docs: https://semiseg.github.io/semiseg/models.html.md"""
 
 # %% auto #0
 __all__ = ['TINY_WIDTHS', 'BACKBONES', 'TINY_HEAD', 'STANDARD_HEAD', 'FORWARD_MODES', 'ResNetBackbone', 'load_backbone_weights',
-           'AtrousConv2d', 'ASPP', 'Decoder', 'DeepLabV3Plus', 'build_model', 'batchnorm_parts', 'forward_parts']
+           'AtrousConv2d', 'PoolBatchNorm2d', 'ASPP', 'Decoder', 'DeepLabV3Plus', 'build_model', 'batchnorm_parts',
+           'forward_parts']
 
 # %% ../nbs/03_models.ipynb #ed8f5b74
 from contextlib import contextmanager
@@ -166,13 +167,22 @@ def _cbr(cin, cout, k=1, d=1):
     return nn.Sequential(conv(cin, cout, k, padding=d * (k // 2), dilation=d, bias=False),
                          nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
 
+# %% ../nbs/03_models.ipynb #b7a71292
+class PoolBatchNorm2d(nn.BatchNorm2d):
+    "BatchNorm2d that uses its running statistics when training on a single value per channel (one pooled image)."
+    def forward(self, x):
+        if self.training and x.shape[0] * x.shape[2] * x.shape[3] == 1:
+            return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+        return super().forward(x)
+
 # %% ../nbs/03_models.ipynb #edd1a654
 class ASPP(nn.Module):
     "Atrous spatial pyramid pooling: 1×1, three atrous 3×3 and image pooling, projected to `cout` channels."
     def __init__(self, cin, cout=256, rates=(6, 12, 18), dropout=0.):
         super().__init__()
         self.branches = nn.ModuleList([_cbr(cin, cout, 1)] + [_cbr(cin, cout, 3, r) for r in rates])
-        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), _cbr(cin, cout, 1))
+        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Sequential(
+            nn.Conv2d(cin, cout, 1, bias=False), PoolBatchNorm2d(cout), nn.ReLU(inplace=True)))
         self.project = nn.Sequential(_cbr(cout * (len(rates) + 2), cout, 1), nn.Dropout2d(dropout))
 
     def forward(self, x):

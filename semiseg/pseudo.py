@@ -13,9 +13,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.distributed as dist
 from PIL import Image
 from torch.utils.data import DataLoader, Subset
-from .core import IGNORE_INDEX
+from .core import IGNORE_INDEX, barrier
 from . import data as D
 from .metrics import ConfusionMatrix, predict
 from .models import forward_parts
@@ -108,11 +109,14 @@ def write_pseudo_labels(model: nn.Module, dataset: D.SegDataset, out_dir,
                         device=None, workers: int = 0,
                         resume: bool = True,      # skip images whose <id>.png exists
                         **predict_kw) -> dict:    # crop, scales, flip, ... for `semiseg.metrics.predict`
-    "Label every image of `dataset` with `model` as `<out_dir>/<id>.png`; returns counts written and skipped."
+    "Label every image of `dataset` with `model` as `<out_dir>/<id>.png` (this rank's share); counts written, skipped."
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     todo = [i for i, id_ in enumerate(dataset.ids) if not (resume and (out / f"{id_}.png").is_file())]
     device = torch.device(device) if device is not None else next(model.parameters()).device
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    barrier(device)                                   # every rank has listed the images before any writes
+    mine = todo[rank::world]
     modes = {m: m.training for m in model.modules()}
     model.eval()
 
@@ -127,7 +131,7 @@ def write_pseudo_labels(model: nn.Module, dataset: D.SegDataset, out_dir,
 
     try:
         batch = []
-        for s in DataLoader(Subset(dataset, todo), batch_size=None, num_workers=workers):   # samples one by one
+        for s in DataLoader(Subset(dataset, mine), batch_size=None, num_workers=workers):   # samples one by one
             if batch and (len(batch) == batch_size or s["image"].shape != batch[0]["image"].shape):
                 flush(batch)
                 batch = []
@@ -136,6 +140,7 @@ def write_pseudo_labels(model: nn.Module, dataset: D.SegDataset, out_dir,
     finally:
         for m, mode in modes.items():
             m.training = mode
+    barrier(device)
     return dict(written=len(todo), skipped=len(dataset) - len(todo))
 
 # %% ../nbs/07_pseudo.ipynb #fa2650ca

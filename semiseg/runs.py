@@ -12,6 +12,7 @@ import io
 import json
 import math
 import statistics
+import warnings
 from pathlib import Path
 import numpy as np
 import torch
@@ -21,16 +22,16 @@ from .data import build_data, collate, dataset_spec, mask_png
 from .transforms import denormalize
 from .metrics import evaluate, predict
 from .method import Method, get_method, method_info
-from .config import TrainConfig, make_config
+from .config import TrainConfig, config_dict, make_config
 
 # %% auto #0
-__all__ = ['RUNTIME_KEYS', 'ID_KEYS', 'config_diff', 'read_metrics', 'run_config', 'model_dir', 'load_run', 'evaluate_run',
-           'predict_run', 'save_predictions', 'collect_run', 'varying_keys', 'table_columns', 'write_csv', 'collect',
-           'find_runs', 'load_results', 'summarize']
+__all__ = ['RUNTIME_KEYS', 'ID_KEYS', 'config_diff', 'check_config', 'check_resume', 'read_metrics', 'trim_metrics', 'run_config',
+           'model_dir', 'load_run', 'evaluate_run', 'predict_run', 'save_predictions', 'collect_run', 'varying_keys',
+           'table_columns', 'write_csv', 'collect', 'find_runs', 'load_results', 'summarize']
 
 # %% ../nbs/10_runs.ipynb #4d89d5ae
-RUNTIME_KEYS = ("device", "workers", "eval_batch_size", "check_data", "log_every", "ckpt_every", "resume", "out_dir",
-                "data_root")
+RUNTIME_KEYS = ("device", "workers", "eval_batch_size", "check_data", "resume", "log_every", "ckpt_every", "eval_every",
+                "out_dir", "data_root")
 
 # %% ../nbs/10_runs.ipynb #caadd1da
 def _norm(v) -> str:
@@ -38,17 +39,65 @@ def _norm(v) -> str:
     return json.dumps(v, sort_keys=True, default=str)
 
 # %% ../nbs/10_runs.ipynb #8f969812
-def config_diff(old: dict, new: dict) -> dict:
-    "{key: (old value, new value)} of the options in which two flat configurations differ (see `RUNTIME_KEYS`)."
-    return {k: (old[k], v) for k, v in new.items() if k not in RUNTIME_KEYS and k in old and _norm(old[k]) != _norm(v)}
+def config_diff(old: dict, new: dict, resumed_at: int | None = None) -> dict:
+    "{key: (old, new)} of the options two flat configurations differ in (`RUNTIME_KEYS` never; `iters`: see below)."
+    diff = {k: (old[k], v) for k, v in new.items()
+            if k not in RUNTIME_KEYS and k in old and _norm(old[k]) != _norm(v)}
+    if resumed_at is not None and "iters" in diff and diff["iters"][1] >= resumed_at:
+        del diff["iters"]                            # a run resumed from iteration `resumed_at` may train longer
+    return diff
+
+# %% ../nbs/10_runs.ipynb #786318df
+def check_config(old: dict, new: dict, where, resumed_at: int | None = None):
+    "Refuse to continue the run `where` (made with `old`) with the options `new` if they differ (`config_diff`)."
+    diff = config_diff(old, new, resumed_at)
+    if not diff:
+        return
+    changes = "; ".join(f"{k}={a!r} there, {b!r} now" for k, (a, b) in diff.items())
+    what = "a run" if resumed_at is None else f"a run checkpointed at iteration {resumed_at}"
+    ways = "give the options it was made with to continue it, or another out_dir for the new ones"
+    if resumed_at is not None:
+        ways += ", or resume=false to start over in this folder (its checkpoints and log are replaced)"
+    if "iters" in diff and resumed_at is not None:
+        ways += f"; iters may grow, but not below the checkpoint's {resumed_at}"
+    raise ValueError(f"{where} holds {what} made with other options: {changes}. Nothing was changed: {ways}")
+
+# %% ../nbs/10_runs.ipynb #a849c1f4
+def check_resume(cfg: TrainConfig, opts):
+    "Refuse (before anything is built) to resume the checkpoint of `cfg`'s run directory with other options."
+    path = cfg.run_dir() / "ckpt" / "last.pt"
+    if cfg.resume and path.is_file():
+        ck = load_checkpoint(path, mmap=True)
+        check_config(ck.get("config") or {}, config_dict(cfg, opts), cfg.run_dir(), resumed_at=ck["it"])
 
 # %% ../nbs/10_runs.ipynb #0dc93b28
 def read_metrics(run_dir) -> list[dict]:
-    "The records of `<run_dir>/metrics.jsonl` (empty if there is none)."
+    "The records of `<run_dir>/metrics.jsonl` (empty if none); lines cut short by a crash are dropped, with a warning."
     f = Path(run_dir) / "metrics.jsonl"
     if not f.is_file():
         return []
-    return [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+    records, bad = [], []
+    for n, line in enumerate(f.read_text(errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            rec = None
+        if isinstance(rec, dict) and "it" in rec:
+            records.append(rec)
+        else:
+            bad.append(n)
+    if bad:
+        warnings.warn(f"{f}: line {', '.join(map(str, bad))} is incomplete (a run stopped while writing it: a crash "
+                      "or a full disk); dropped", stacklevel=2)
+    return records
+
+# %% ../nbs/10_runs.ipynb #c53252b8
+def trim_metrics(run_dir, it: int) -> Path:
+    "Keep the records of `<run_dir>/metrics.jsonl` up to iteration `it` (rewritten atomically)."
+    records = [r for r in read_metrics(run_dir) if r["it"] <= it]
+    return atomic_write(Path(run_dir) / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in records))
 
 # %% ../nbs/10_runs.ipynb #58457f7d
 def _known_keys(d: dict) -> set:

@@ -26,19 +26,20 @@ import torchvision
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Sampler, Subset
 from tqdm import tqdm
-from .core import (DistInfo, seed_everything, all_reduce_sum, get_device, init_distributed, nearest, atomic_save,
+from .core import (DistInfo, seed_everything, rank_seed, rng_state, set_rng_state, all_reduce_sum, barrier,
+                          sync_buffers, all_gather_rows, get_device, init_distributed, is_main, nearest, atomic_save,
                           load_checkpoint, load_weights, read_json, write_json)
 from .data import Data, build_data, collate
 from .metrics import evaluate
 from .method import Method, get_method, method_info
 from .config import TrainConfig, make_config, config_dict, full_config, parse_args, usage
-from .runs import config_diff
+from .runs import check_config, check_resume, trim_metrics
 from .check import check_dataset
 
 # %% auto #0
 __all__ = ['InfiniteSampler', 'Seeded', 'stream', 'base_lr', 'make_optimizer', 'set_poly_lr', 'env_info', 'stop_requests', 'Run',
-           'setup', 'save', 'resume', 'distribute', 'open_run_dir', 'make_streams', 'train_step', 'Meter', 'log_step',
-           'val_loader', 'evaluate_now', 'eval_step', 'train', 'run_stage', 'run', 'main']
+           'setup', 'save', 'resume', 'distribute', 'open_run_dir', 'make_streams', 'autocast', 'train_step', 'Meter',
+           'log_step', 'val_loader', 'evaluate_now', 'eval_step', 'train', 'run_stage', 'run', 'main']
 
 # %% ../nbs/12_train.ipynb #14a7d5e7
 class InfiniteSampler(Sampler):
@@ -186,8 +187,9 @@ def setup(cfg: TrainConfig, opts) -> Run:
         torch.set_num_threads(max(1, (os.cpu_count() or 2) // info.world_size))
     _preflight(cfg, info)
     data = build_data(cfg)
-    seed_everything(cfg.seed)
+    seed_everything(cfg.seed)                                    # the same initial networks on every rank
     method = get_method(cfg.method)(cfg, opts, data.num_classes).to(device)
+    seed_everything(rank_seed(cfg.seed, info.rank))              # each rank its own augmentation randomness
     unlabeled = method.unlabeled_streams(data)
     if any(ds is None for ds in unlabeled):
         raise ValueError(f"method={cfg.method} needs unlabeled images but labeled={cfg.labeled} leaves none")
@@ -201,15 +203,23 @@ def setup(cfg: TrainConfig, opts) -> Run:
 
 # %% ../nbs/12_train.ipynb #325c2ce1
 def save(run: Run, it: int, name: str = "last.pt"):
-    "Write the checkpoint `ckpt/<name>` after iteration `it` (rank 0)."
+    "Write the checkpoint `ckpt/<name>` after iteration `it` (called on every rank; rank 0 writes)."
+    sync_buffers(run.method)                                     # the model every rank holds is the one saved
+    rngs = all_gather_rows(rng_state(run.device).to(run.device)).cpu()   # (world_size, n): every rank's stream
     if not run.info.main:
         return
     ck = dict(method=run.cfg.method, config=config_dict(run.cfg, run.opts), model=run.method.state_dict(),
-              optimizer=run.opt.state_dict(), scaler=run.scaler.state_dict(), it=it, best_miou=run.best,
-              rng=torch.get_rng_state())
-    if run.device.type == "cuda":
-        ck["cuda_rng"] = torch.cuda.get_rng_state(run.device)
+              optimizer=run.opt.state_dict(), scaler=run.scaler.state_dict(), it=it, best_miou=run.best, rng=rngs)
     atomic_save(ck, run.ckpt_dir / name)
+
+# %% ../nbs/12_train.ipynb #892577ec
+def _resume_rng(run: Run, rngs: torch.Tensor, path: Path):
+    "Restore this rank's random stream from a checkpoint's rows (one per rank of the run that wrote it)."
+    if rngs.dim() != 2 or len(rngs) != run.info.world_size:
+        n = len(rngs) if rngs.dim() == 2 else 1
+        raise ValueError(f"{path} holds the random streams of {n} process(es), this run has {run.info.world_size}: "
+                         f"resume with {n} process(es) (torchrun --nproc_per_node), or use another out_dir")
+    set_rng_state(rngs[run.info.rank], run.device)
 
 # %% ../nbs/12_train.ipynb #1631e5f1
 def resume(run: Run):
@@ -218,17 +228,12 @@ def resume(run: Run):
     if not (run.cfg.resume and path.exists()):
         return
     ck = load_checkpoint(path)
-    if ck.get("method") != run.cfg.method:
-        raise ValueError(f"{path} was written by method={ck.get('method')}, not {run.cfg.method}: "
-                         "use another out_dir or resume=false")
     backbone = ck.get("config", {}).get("backbone")
     load_weights(run.method, ck["model"], f"{path} (method={ck.get('method')}, backbone={backbone})")
     run.opt.load_state_dict(ck["optimizer"])
     run.scaler.load_state_dict(ck["scaler"])
     run.start, run.best = ck["it"], ck.get("best_miou", -1.0)
-    torch.set_rng_state(ck["rng"])
-    if run.device.type == "cuda" and "cuda_rng" in ck:
-        torch.cuda.set_rng_state(ck["cuda_rng"], run.device)
+    _resume_rng(run, ck["rng"], path)
 
 # %% ../nbs/12_train.ipynb #3f4efa7d
 def distribute(run: Run):
@@ -248,8 +253,7 @@ def open_run_dir(run: Run):
     run.out.mkdir(parents=True, exist_ok=True)
     metrics = run.out / "metrics.jsonl"
     if metrics.exists():                               # drop records written after the checkpoint we resume from
-        keep = [line for line in metrics.read_text().splitlines() if json.loads(line)["it"] <= run.start]
-        metrics.write_text("".join(line + "\n" for line in keep))
+        trim_metrics(run.out, run.start)
     write_json(run.out / "config.json", config_dict(run.cfg, run.opts))
     write_json(run.out / "env.json", env_info(run.device, run.info.world_size))
     run.log = open(metrics, "a")
@@ -273,6 +277,11 @@ def _to(batch: dict, device, channels_last: bool) -> dict:
         out["image"] = out["image"].contiguous(memory_format=torch.channels_last)
     return out
 
+# %% ../nbs/12_train.ipynb #ab2bf69c
+def autocast(run: Run):
+    "The run's mixed-precision context (`amp`), for training steps and evaluation alike."
+    return torch.autocast(run.device.type, dtype=run.amp_dtype or torch.float32, enabled=run.amp_dtype is not None)
+
 # %% ../nbs/12_train.ipynb #604bdd1e
 def train_step(run: Run, labeled: dict, unlabeled: list[dict], it: int, stop: dict):
     "One optimiser step: (the method's terms, the summed loss, [non-finite loss, stop requested] over all ranks)."
@@ -280,49 +289,58 @@ def train_step(run: Run, labeled: dict, unlabeled: list[dict], it: int, stop: di
     set_poly_lr(run.opt, it, cfg.iters, cfg.poly_power)
     lb = _to(labeled, run.device, cfg.channels_last)
     ub = [_to(u, run.device, cfg.channels_last) for u in unlabeled] or None
-    with torch.autocast(run.device.type, dtype=run.amp_dtype or torch.float32, enabled=run.amp_dtype is not None):
+    with autocast(run):
         terms = run.model(lb, ub, it)
     loss = sum(v for k, v in terms.items() if k.startswith("loss"))
-    status = torch.tensor([float(not torch.isfinite(loss)), float(stop["signal"] is not None)])
-    if run.info.distributed:
-        all_reduce_sum(status)
-    if status[0] and not cfg.skip_nonfinite:
+    flags = torch.stack([(~loss.detach().isfinite()).float(), torch.tensor(float(stop["signal"] is not None))
+                         .to(run.device, non_blocking=True)])          # on the device the process group serves
+    run.opt.zero_grad(set_to_none=True)
+    run.scaler.scale(loss).backward()                                  # every rank, so DDP's reductions match
+    nonfinite, stopping = all_reduce_sum(flags).tolist()               # the step's one wait for the device
+    if nonfinite and not cfg.skip_nonfinite:
         bad = [k for k, v in terms.items() if k.startswith("loss") and not torch.isfinite(v)] or ["(another rank)"]
         raise FloatingPointError(f"non-finite loss at iteration {it}: {', '.join(bad)} (the last good checkpoint "
                                  f"{run.ckpt_dir / 'last.pt'} is kept); try a lower lr, amp=off, or "
                                  "skip_nonfinite=true")
-    run.opt.zero_grad(set_to_none=True)
-    if not status[0]:
-        run.scaler.scale(loss).backward()
+    if not nonfinite:
         run.scaler.step(run.opt)
         run.scaler.update()
         run.method.after_step(it)
-    return terms, loss, status
+    return terms, loss, [nonfinite, stopping]
 
 # %% ../nbs/12_train.ipynb #cbaf68cf
 class Meter:
-    "Means of the logged terms since the last log line; steps skipped for a non-finite loss are counted."
-    def __init__(self):
-        self.skipped = 0
+    "Means of the logged terms since the last log line, over steps and ranks; skipped (non-finite) steps are counted."
+    def __init__(self, device=None):
+        self.skipped, self.device = 0, device or torch.device("cpu")
         self.reset()
 
     def reset(self):
-        self.sums, self.n, self.t = {}, 0, time.time()
+        self.sums, self.counts, self.n, self.t = {}, {}, 0, time.time()
 
     def add(self, terms: dict, loss: torch.Tensor, skipped: bool = False):
         if skipped:
             self.skipped += 1
             return
-        for k, v in terms.items():
+        for k, v in {**terms, "loss": loss}.items():
             self.sums[k] = self.sums.get(k, 0.0) + v.detach().float()
-        self.sums["loss"] = self.sums.get("loss", 0.0) + loss.detach().float()
+            self.counts[k] = self.counts.get(k, 0) + 1
         self.n += 1
 
     def record(self, it: int, lr: float) -> dict:
         "The log record of iteration `it`; starts the next window."
-        n = max(self.n, 1)
-        means = {k: (v / n).item() for k, v in self.sums.items()}
-        rec = dict(it=it, lr=lr, s_per_it=(time.time() - self.t) / n, **means,
+        keys = sorted(self.sums)
+        if dist.is_initialized():                            # a term some rank did not log this window
+            every = [None] * dist.get_world_size()
+            dist.all_gather_object(every, keys)
+            keys = sorted(set().union(*every))
+        zero = torch.zeros((), device=self.device)
+        table = torch.stack([torch.stack([torch.as_tensor(self.sums.get(k, zero), device=self.device).float(),
+                                          torch.tensor(float(self.counts.get(k, 0)), device=self.device)])
+                             for k in keys]) if keys else zero.new_zeros(0, 2)
+        sums, counts = all_reduce_sum(table).unbind(1)
+        means = dict(zip(keys, (sums / counts.clamp(min=1)).tolist()))
+        rec = dict(it=it, lr=lr, s_per_it=(time.time() - self.t) / max(self.n, 1), **means,
                    **({"skipped": self.skipped} if self.skipped else {}))
         self.reset()
         return rec
@@ -347,17 +365,21 @@ def log_step(run: Run, bar, meter: Meter, it: int):
 
 # %% ../nbs/12_train.ipynb #11228e83
 def val_loader(run: Run) -> DataLoader:
-    "The validation images of this process (its share under DDP), batched when they have one size."
+    "The validation images of this process (its share under DDP), batched when they have one size; workers kept."
     cfg, info, val = run.cfg, run.info, run.data.val
     ds = Subset(val, range(info.rank, len(val), info.world_size)) if info.distributed else val
+    workers = min(cfg.workers, 2)
     return DataLoader(ds, batch_size=cfg.eval_batch_size or (16 if run.data.fixed_size else 1),
-                      num_workers=min(cfg.workers, 2), collate_fn=collate)
+                      num_workers=workers, persistent_workers=workers > 0, pin_memory=run.device.type == "cuda",
+                      collate_fn=collate)
 
 # %% ../nbs/12_train.ipynb #34ab94bb
 def evaluate_now(run: Run, loader: DataLoader) -> dict:
-    "Score the method's evaluation network on the validation set."
-    return evaluate(run.method.eval_model(), loader, run.data.num_classes, device=run.device,
-                    **run.cfg.eval_options())
+    "Score the method's evaluation network on the validation set, under the run's mixed precision."
+    sync_buffers(run.method)                                   # every rank scores the model rank 0 saves
+    with autocast(run):
+        return evaluate(run.method.eval_model(), loader, run.data.num_classes, device=run.device,
+                        **run.cfg.eval_options())
 
 # %% ../nbs/12_train.ipynb #770f9edd
 def eval_step(run: Run, loader: DataLoader, it: int):
@@ -399,8 +421,7 @@ def _finish(run: Run, loader: DataLoader, t0: float) -> dict:
         run.log.write(json.dumps(dict(it=cfg.iters, **r)) + "\n")
         run.log.close()
         write_json(run.out / "results.json", results)
-    if run.info.distributed:
-        dist.barrier()
+    barrier(run.device)
     return results
 
 # %% ../nbs/12_train.ipynb #ab25b023
@@ -410,12 +431,13 @@ def train(cfg: TrainConfig | None = None, opts=None, **kw) -> dict:
         cfg, opts = make_config(kw)
     opts = opts if opts is not None else get_method(cfg.method).Options()
     t0 = time.time()
+    check_resume(cfg, opts)
     run = setup(cfg, opts)
     resume(run)
     distribute(run)
     open_run_dir(run)
     lab, unl = make_streams(run)
-    loader, meter = val_loader(run), Meter()
+    loader, meter = val_loader(run), Meter(run.device)
     bar = tqdm(total=cfg.iters, initial=run.start, disable=not (run.info.main and sys.stderr.isatty()),
                dynamic_ncols=True)
     run.method.train()
@@ -443,10 +465,7 @@ def run_stage(**options) -> dict:
     done = read_json(out / "results.json", None)
     if done is None:
         return train(**options)
-    diff = config_diff(read_json(out / "config.json"), full_config(options))
-    if diff:
-        changes = ", ".join(f"{k}={old!r} not {new!r}" for k, (old, new) in diff.items())
-        raise ValueError(f"{out} holds a finished run with other options ({changes}): use another out_dir")
+    check_config(read_json(out / "config.json"), full_config(options), out)
     return done
 
 # %% ../nbs/12_train.ipynb #40a0a3c4
@@ -455,10 +474,13 @@ def _run_pipeline(options: dict) -> dict:
     t0 = time.time()
     cfg, opts = make_config(options)
     info = method_info(cfg.method)
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
-        raise ValueError(f"method={info.name} is a pipeline: its stages run in one process (no torchrun)")
+    device = get_device(cfg.device)
+    init_distributed(device)                     # under torchrun: every stage and every labelling step use it
     out = Path(cfg.out_dir or Path("runs") / cfg.run_name())
-    write_json(out / "config.json", {**full_config(options), "out_dir": str(out)})
+    config = {**full_config(options), "out_dir": str(out)}
+    check_config(read_json(out / "config.json", None) or config, config, out)
+    if is_main():
+        write_json(out / "config.json", config)
     own = {f.name for f in dataclasses.fields(info.cls.Options)}
     train_options = {k: v for k, v in options.items()
                      if k not in own and "." not in k and k not in ("method", "out_dir")}
@@ -468,7 +490,9 @@ def _run_pipeline(options: dict) -> dict:
                "stage_iters": [s["iters"] for s in stages], "stage_miou": [s["miou"] for s in stages],
                "final_stage": Path(stages[-1]["out_dir"]).name, "wall_s": time.time() - t0, "out_dir": str(out),
                "pipeline": {k: v for k, v in summary.items() if k != "ran"}}
-    write_json(out / "results.json", results)
+    if is_main():
+        write_json(out / "results.json", results)
+    barrier(device)
     return results
 
 # %% ../nbs/12_train.ipynb #fc4925f1

@@ -22,19 +22,11 @@ LAYERS = {
     "semiseg.check": 8,
     "semiseg.methods": 9,
     "semiseg.train": 10,
-    "semiseg.bench": 11, "semiseg.sweep": 11, "semiseg.experiments": 11,
+    "semiseg.bench": 11, "semiseg.sweep": 11,
     "semiseg.papers": 12,
-    "semiseg.figures": 13, "semiseg.plots": 13,
+    "semiseg.figures": 13,
     "semiseg.report": 14, "semiseg.viewer": 14,
     "semiseg.demo": 15,
-}
-
-# Violations in code that is being restructured elsewhere; each entry is (importer, imported, "layer" | "local").
-# Empty this set as those parts land: a listed violation that no longer occurs fails the test too.
-KNOWN_VIOLATIONS = {
-    # the demo (timing methods, drawing the report) still lives in the sweep module
-    ("semiseg.experiments", "semiseg.bench", "layer"),
-    ("semiseg.experiments", "semiseg.plots", "layer"),
 }
 
 
@@ -97,11 +89,8 @@ def test_every_module_has_a_layer():
 
 def test_imports_follow_the_layers():
     "No module imports one of its own or a higher layer, and no function imports a semiseg module."
-    found = violations()
-    new = sorted(found - KNOWN_VIOLATIONS)
-    assert not new, "imports against the layers (importer, imported, kind):\n" + "\n".join(map(str, new))
-    gone = sorted(KNOWN_VIOLATIONS - found)
-    assert not gone, "fixed, remove from KNOWN_VIOLATIONS:\n" + "\n".join(map(str, gone))
+    found = sorted(violations())
+    assert not found, "imports against the layers (importer, imported, kind):\n" + "\n".join(map(str, found))
 
 
 @pytest.mark.parametrize("src, expected", [

@@ -12,18 +12,18 @@ from semiseg.methods.supervised import Supervised
 class Toy(Supervised):
     "The supervised baseline under another name."
 
-from semiseg import experiments as E, plots as P
+from semiseg import demo as D, figures as F, sweep as S
 from semiseg.config import full_config, usage
 from semiseg.train import main
 
 out = {}
 out["help"] = [line.strip() for line in usage().splitlines() if line.strip().startswith("toy:")]
 with redirect_stdout(io.StringIO()) as dry:
-    E.main(["method=supervised,toy", "iters=5", "--dry-run"])
+    S.main(["method=supervised,toy", "iters=5", "--dry-run"])
 out["sweep"] = [line.split()[0] for line in dry.getvalue().splitlines()]
-out["sweep_config"] = full_config(E.flat_config(dict(method="toy", iters=5)))["method"]
-out["figures"] = [P.method_label("toy"), P.method_color("toy"), "toy_weight" in P.weight_keys()]
-out["demo"] = E.demo_methods()[:5]
+out["sweep_config"] = full_config(S.flat_config(dict(method="toy", iters=5)))["method"]
+out["figures"] = [F.method_label("toy"), F.method_color("toy"), "toy_weight" in F.weight_keys()]
+out["demo"] = D.demo_methods()[:5]
 main([f"data_root={sys.argv[1]}", "method=toy", "labeled=8", "batch_size=4", "iters=2", "workers=0", f"out_dir={sys.argv[2]}"])
 print(json.dumps(out))
 '''

@@ -95,7 +95,8 @@ def test_resume_refuses_another_architecture(tiny_data, reference_run, tmp_path)
     import shutil
     out = tmp_path / "run"; shutil.copytree(reference_run, out)
     p = run([f"data_root={tiny_data}", *RESUME_ARGS, "workers=0", "backbone=resnet18", f"out_dir={out}"])
-    assert p.returncode != 0 and "does not fit this model" in p.stderr and "backbone=tiny" in p.stderr, p.stderr[-2000:]
+    assert p.returncode != 0 and "backbone='tiny' there, 'resnet18' now" in p.stderr and "resume=false" in p.stderr, \
+        p.stderr[-2000:]
 
 
 FAILING_RANK = '''

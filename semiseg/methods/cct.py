@@ -136,10 +136,9 @@ def vat_noise(z, decode, n: int, xi: float = 1e-6, eps: float = 2.0):
         x.requires_grad_()
         logits, jd = decode(x, d)
         p, s = logits.detach().softmax(2), xi * jd.detach()
-        if s.abs().max() < 1e-3:   # first order in s: error ~ |s|
-            q_minus_p = p * (s - (p * s).sum(2, keepdim=True))
-        else:                      # no cancellation at this size
-            q_minus_p = (logits.detach() + s).softmax(2) - p
+        first_order = p * (s - (p * s).sum(2, keepdim=True))     # error ~ |s|: for a small step
+        exact = (logits.detach() + s).softmax(2) - p             # no cancellation at a larger one
+        q_minus_p = torch.where(s.abs().amax() < 1e-3, first_order, exact)   # chosen on the device
         g, = torch.autograd.grad(logits, x, q_minus_p)                              # Jᵀ (q - p)
     return (eps * _unit(g)).to(z.dtype)
 
@@ -301,13 +300,14 @@ class _UpsampledSoftmaxMSE(torch.autograd.Function):
                     gu = gu @ Bm
                 grad[:, k:k + chunk] = gu * (2.0 / N)
         if need:
-            ctx.save_for_backward(grad.to(logits.dtype))
-        return (total / N).to(logits.dtype)
+            ctx.save_for_backward(grad)                    # float32: at VOC sizes its entries underflow fp16
+            ctx.dtype = logits.dtype
+        return total / N                                   # float32: the loss scaler multiplies it by up to 2^16
 
     @staticmethod
     def backward(ctx, g):
         grad, = ctx.saved_tensors
-        return grad * g, None, None
+        return (grad * g.float()).to(ctx.dtype), None, None   # scaled by the upstream gradient, then cast
 
 # %% ../../nbs/25_cct.ipynb #58304e67
 def consistency_loss(aux_logits, target_probs, chunk: int = 1):

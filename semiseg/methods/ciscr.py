@@ -18,7 +18,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from fastcore.basics import patch
 from torch.utils.data import DataLoader
-from ..core import IGNORE_INDEX, atomic_write, get_device, load_checkpoint, load_weights, read_json, write_json
+from ..core import (IGNORE_INDEX, atomic_write, barrier, get_device, is_main, load_checkpoint, load_weights,
+                          read_json, write_json)
+import torch.distributed as dist
 from .. import data as D
 from ..data import build_data
 from ..transforms import train_transform, eval_transform, strong_photometric
@@ -447,7 +449,8 @@ def run(self: CISCR, out_dir, train_options: dict, run_stage) -> dict:
         if step == o.until:
             break
     s["pseudo_quality"] = [dict(subset=PSEUDO_SUBSETS[k], pl_miou=v) for k, v in s["pseudo"].items() if v is not None]
-    write_json(self.out / "ciscr.json", {k: v for k, v in s.items() if k != "ran"})
+    if is_main():
+        write_json(self.out / "ciscr.json", {k: v for k, v in s.items() if k != "ran"})
     return s
 
 # %% ../../nbs/27_ciscr.ipynb #362f264c
@@ -466,13 +469,19 @@ def _stage(self: CISCR, name: str, **options) -> dict:
 
 # %% ../../nbs/27_ciscr.ipynb #b2eb6fc4
 @patch
-def _resumable(self: CISCR, name: str, record: str, make) -> dict:
+def _resumable(self: CISCR, name: str, record: str, make,
+               every_rank: bool = False) -> dict: # under torchrun: `make` runs on every rank (labelling), else rank 0
     "The record `<name>/<record>` of step `name`; `make(folder) -> message` writes the step's files first if it is missing."
     path = self.out / name / record
-    if not path.is_file():
-        message = make(self.out / name)
+    missing = not path.is_file()
+    barrier(self.device)                     # every rank has looked before any rank writes
+    if missing:
+        if every_rank or is_main():
+            message = make(self.out / name)
+            if is_main():
+                print(f"[ciscr] {name}: {message}", flush=True)
+        barrier(self.device)                 # the step's files are complete for every rank
         self.summary["ran"].append(name)
-        print(f"[ciscr] {name}: {message}", flush=True)
     return read_json(path)
 
 # %% ../../nbs/27_ciscr.ipynb #6e28ec62
@@ -508,10 +517,11 @@ def _pseudo0(self: CISCR):
     def make(d):
         t = time.time()
         w = pseudo_label(load_net(self._ckpt("stage1"), self.device), self.unl, d, o.tta, self.device, scales=scales)
-        write_json(d / "pseudo.json", dict(source="stage1", tta=o.tta, scales=scales if o.tta else None,
-                                           **pseudo_label_miou(self.unl, d, self.nc), wall_s=time.time() - t))
+        if is_main():                        # each rank labelled its share; rank 0 scores them all
+            write_json(d / "pseudo.json", dict(source="stage1", tta=o.tta, scales=scales if o.tta else None,
+                                               **pseudo_label_miou(self.unl, d, self.nc), wall_s=time.time() - t))
         return f"{w['written']} labels written ({w['skipped']} kept)"
-    self.summary["pseudo"]["m0_all"] = self._resumable("pseudo0", "pseudo.json", make)["miou"]
+    self.summary["pseudo"]["m0_all"] = self._resumable("pseudo0", "pseudo.json", make, every_rank=True)["miou"]
 
 # %% ../../nbs/27_ciscr.ipynb #afea0aac
 @patch
@@ -553,17 +563,19 @@ def _pseudo1(self: CISCR):
 
     def make(d):
         t = time.time()
-        for i in D.read_split(sd / "reliable.txt"):
+        rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        for i in D.read_split(sd / "reliable.txt")[rank::world]:        # each rank copies its share
             if not (d / f"{i}.png").is_file():
                 atomic_write(d / f"{i}.png", (p0 / f"{i}.png").read_bytes())
         unrel = self._unlabeled(D.read_split(sd / "unreliable.txt"))
         w = pseudo_label(load_net(self._ckpt("stage2"), self.device), unrel, d, o.tta, self.device,
                          scales=tta_scales(self.cfg.scale))
-        write_json(d / "pseudo.json", dict(source="stage2 (unreliable) + pseudo0 (reliable)", tta=o.tta,
-                                           m1_unreliable=pseudo_label_miou(unrel, d, self.nc)["miou"],
-                                           **pseudo_label_miou(self.unl, d, self.nc), wall_s=time.time() - t))
+        if is_main():
+            write_json(d / "pseudo.json", dict(source="stage2 (unreliable) + pseudo0 (reliable)", tta=o.tta,
+                                               m1_unreliable=pseudo_label_miou(unrel, d, self.nc)["miou"],
+                                               **pseudo_label_miou(self.unl, d, self.nc), wall_s=time.time() - t))
         return f"{w['written']} unreliable images relabelled"
-    q1 = self._resumable("pseudo1", "pseudo.json", make)
+    q1 = self._resumable("pseudo1", "pseudo.json", make, every_rank=True)
     self.summary["pseudo"].update(m1_unreliable=q1["m1_unreliable"], after_all=q1["miou"])
 
 # %% ../../nbs/27_ciscr.ipynb #923803aa

@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from ..core import get_device, read_json, write_json
+from ..core import get_device, is_main, read_json, write_json
 from ..data import unlabeled_data
 from ..metrics import PROTOCOLS
 from ..method import Pipeline, register
@@ -63,7 +63,8 @@ class SelfTraining(Pipeline):
                 print(f"[self-training] {stage} ({method}): mIoU {res['miou']:.2f}", flush=True)
             summary["stages"].append(res)
         summary.update(miou=summary["stages"][-1]["miou"], rounds=self.opts.rounds, methods=list(self.stages().values()))
-        write_json(out / "self_training.json", {k: v for k, v in summary.items() if k != "ran"})
+        if is_main():
+            write_json(out / "self_training.json", {k: v for k, v in summary.items() if k != "ran"})
         return summary
 
     def label(self, source: Path, pl_dir: Path, r: int, train_options: dict, ran: list) -> dict:
@@ -77,7 +78,8 @@ class SelfTraining(Pipeline):
                                 workers=min(train_options.get("workers", 0), 2))
         q = dict(round=r, source=str(source), protocol=o.pl_protocol, thresh=o.pl_thresh,
                  **pseudo_label_miou(ds, pl_dir, m.num_classes), wall_s=time.time() - t)
-        write_json(pl_dir / "pseudo.json", q)
+        if is_main():                               # every rank labelled its share; one writes the record
+            write_json(pl_dir / "pseudo.json", q)
         ran.append(pl_dir.name)
         print(f"[self-training] round {r}: {w['written']} pseudo labels written ({w['skipped']} already there), "
               f"mIoU {q['miou']:.2f} vs hidden GT", flush=True)
