@@ -57,7 +57,8 @@ def make_step(method: str = "supervised", batch: int = 8, batch_u: int = 8, size
     "(step, method, images per step): one optimisation step of `method` on fixed random batches (`amp`: autocast)."
     dev = get_device(device)
     seed_everything(0)
-    cfg, opts = make_config(method=method, batch_size=batch, batch_size_u=batch_u, crop=size, **options)
+    cfg, opts = make_config(method=method, batch_size=batch, batch_size_u=batch_u, crop=size,
+                            **{"pretrained": None, **options})            # timing needs no weights (nor a download)
     m = get_method(method)(cfg, opts, num_classes).to(dev).train()
     model = DDP(m, device_ids=[dev.index] if dev.type == "cuda" else None,
                 find_unused_parameters=m.find_unused_parameters) if ddp else m

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from .core import nearest
 from .data import DATASETS, load_yaml, parse_labeled, read_yaml
-from .models import BACKBONES
+from .models import BACKBONES, resolve_pretrained
 from .metrics import PROTOCOLS
 from .method import MethodInfo, method_info, registered
 
@@ -94,6 +94,7 @@ def _check_options(cfg):
         except (RuntimeError, TypeError):
             raise ValueError(f"device={cfg.device!r}: expected auto, cpu, cuda or cuda:<index>") from None
     parse_labeled(cfg.labeled)
+    resolve_pretrained(cfg.pretrained, cfg.backbone)
     if cfg.labeled_split and cfg.labeled != type(cfg).labeled:
         warnings.warn(f"labeled={cfg.labeled} is ignored: labeled_split={cfg.labeled_split} lists the labeled "
                       "images (give one of the two)", stacklevel=4)
@@ -104,7 +105,7 @@ def _check_options(cfg):
 class TrainConfig:
     "Generic training options (each method adds its own `Options`)."
     method: str = "supervised"        # a registered method or pipeline (semiseg-train --help lists them)
-    dataset: str = "synthetic"        # synthetic | voc | cityscapes | folder
+    dataset: str = "synthetic"        # synthetic | pretext | voc | cityscapes | folder
     data_root: str | None = None      # dataset root; synthetic: a generated benchmark, or a cache dir to generate into
     train_split: str = "train"        # split name or split-file path of the training pool
     val_split: str = "val"            # split name or split-file path for evaluation
@@ -117,13 +118,13 @@ class TrainConfig:
     skip_nonfinite: bool = False      # skip steps whose loss is nan/inf (counted as 'skipped') instead of stopping
     backbone: str = "tiny"            # tiny | resnet18 | resnet50 | resnet101
     output_stride: int = 8            # 8 or 16
-    pretrained: str | None = None     # None | 'imagenet' | path to a backbone .pth
+    pretrained: str | None = "auto"   # auto (tiny: the shipped pretext backbone; ResNets: imagenet) | none | path
     crop: int = 64                    # training crop size
     scale: list | None = None         # random scale: [lo, hi] range, a set of 1 or 3+ factors, or none (see below)
     batch_size: int = 8               # labeled images per iteration, summed over all processes
     batch_size_u: int = 8             # unlabeled images per iteration and stream, summed over all processes
     iters: int = 2000                 # training iterations
-    optimizer: str = "adamw"          # adamw (from-scratch CPU runs) | sgd (the papers, with pretrained backbones)
+    optimizer: str = "adamw"          # adamw (the CPU benchmark) | sgd (the papers, with ImageNet backbones)
     lr: float = 0.002                 # base learning rate (backbone); poly-decayed per iteration
     lr_ref_batch: int | None = None   # linear scaling: lr * batch_size / lr_ref_batch
     momentum: float = 0.9

@@ -31,11 +31,12 @@ from .transforms import train_transform, eval_transform
 
 # %% auto #0
 __all__ = ['VOC_CLASSES', 'CITYSCAPES_CLASSES', 'CITYSCAPES_LABEL_TO_TRAIN', 'IMAGE_EXTS', 'VOC_LAYOUT', 'CITYSCAPES_LAYOUT',
-           'FOLDER_LAYOUT', 'SYNTHETIC_VERSION', 'SYNTHETIC_CLASSES', 'DATASETS', 'voc_palette', 'label_lut',
-           'cityscapes_palette', 'colorize', 'mask_png', 'upright', 'open_image', 'SegDataset', 'read_split',
-           'write_split', 'voc_items', 'cityscapes_items', 'load_yaml', 'read_yaml', 'read_classes', 'folder_items',
-           'parse_labeled', 'n_labeled', 'partition', 'synthetic_scene', 'synthetic_sample', 'make_synthetic',
-           'DatasetSpec', 'dataset_spec', 'split_pool', 'Data', 'build_data', 'unlabeled_data', 'collate']
+           'FOLDER_LAYOUT', 'SHAPES', 'TEXTURES', 'BENCHMARK', 'PRETEXT', 'SCENE_SETS', 'DATASETS', 'voc_palette',
+           'label_lut', 'cityscapes_palette', 'colorize', 'mask_png', 'upright', 'open_image', 'SegDataset',
+           'read_split', 'write_split', 'voc_items', 'cityscapes_items', 'load_yaml', 'read_yaml', 'read_classes',
+           'folder_items', 'parse_labeled', 'n_labeled', 'partition', 'SceneSet', 'synthetic_scene', 'synthetic_sample',
+           'make_synthetic', 'DatasetSpec', 'dataset_spec', 'split_pool', 'Data', 'build_data', 'unlabeled_data',
+           'collate']
 
 # %% ../nbs/02_data.ipynb #15b854fa
 VOC_CLASSES = ('background', 'aeroplane', 'bicycle', 'bird', 'boat', 'bottle', 'bus', 'car', 'cat', 'chair', 'cow',
@@ -490,10 +491,90 @@ def partition(ids, # image ids of the training pool (any order; duplicates are a
     chosen = set(sorted(ids, key=lambda i: _key(seed, i))[:k])
     return [i for i in ids if i in chosen], [i for i in ids if i not in chosen]
 
-# %% ../nbs/02_data.ipynb #d65a5949
-SYNTHETIC_VERSION = 1   # bump when the generator changes: it names the cache folder
-SYNTHETIC_CLASSES = ('background', 'striped_disk', 'checkered_disk', 'striped_square', 'checkered_square',
-                     'striped_triangle', 'checkered_triangle')   # class = 1 + 2 * shape + texture
+# %% ../nbs/02_data.ipynb #30b64855
+def _disk(u, v, r, rng):
+    return u * u + v * v <= r * r
+
+def _square(u, v, r, rng):
+    return np.maximum(np.abs(u), np.abs(v)) <= 0.886 * r           # the disk's area
+
+def _triangle(u, v, r, rng):
+    inside = np.ones(u.shape, bool)
+    for al in np.pi / 2 + 2 * np.pi / 3 * np.arange(3):
+        inside &= u * np.cos(al) + v * np.sin(al) <= 0.7 * r
+    return inside
+
+def _ellipse(u, v, r, rng):
+    k = np.sqrt(rng.uniform(1.5, 2.2))                              # aspect 1.5-2.2, the disk's area
+    return (u / (r * k)) ** 2 + (v * k / r) ** 2 <= 1
+
+def _cross(u, v, r, rng):
+    arm, half = 1.15 * r, 0.38 * r                                  # a plus sign
+    return ((np.abs(u) <= arm) & (np.abs(v) <= half)) | ((np.abs(v) <= arm) & (np.abs(u) <= half))
+
+def _hexagon(u, v, r, rng):
+    inside, h = np.ones(u.shape, bool), 1.1 * r * np.sqrt(3) / 2   # circumradius 1.1 r
+    for al in np.pi / 3 * np.arange(3):
+        inside &= np.abs(u * np.cos(al) + v * np.sin(al)) <= h
+    return inside
+
+def _ring(u, v, r, rng):
+    d2 = u * u + v * v                                              # an annulus: its hole is background
+    return (d2 <= (1.15 * r) ** 2) & (d2 >= (rng.uniform(0.55, 0.65) * r) ** 2)
+
+SHAPES = dict(disk=_disk, square=_square, triangle=_triangle, ellipse=_ellipse, cross=_cross, hexagon=_hexagon,
+              ring=_ring)  # name -> inside(u, v, r, rng): the object's pixels in its own rotated coordinates
+
+# %% ../nbs/02_data.ipynb #bde8edb5
+def _lattice(dx, dy, p, ph, o):
+    "Object-centred coordinates rotated by `ph`, in periods `p`, shifted by the phases `o`."
+    return (np.cos(ph) * dx + np.sin(ph) * dy) / p + o[0], (-np.sin(ph) * dx + np.cos(ph) * dy) / p + o[1]
+
+def _striped(dx, dy, p, ph, o, rng):
+    return np.floor(_lattice(dx, dy, p, ph, o)[0]) % 2
+
+def _checkered(dx, dy, p, ph, o, rng):
+    a, b = _lattice(dx, dy, p, ph, o)
+    return (np.floor(a) + np.floor(b)) % 2
+
+def _dotted(dx, dy, p, ph, o, rng):
+    a, b = _lattice(dx, dy, p, ph, o)
+    fa, fb = (a / 1.3) % 1 - 0.5, (b / 1.3) % 1 - 0.5              # a square lattice of dots, radius 0.3 cell
+    return (fa * fa + fb * fb <= 0.3 ** 2).astype(float)
+
+def _wavy(dx, dy, p, ph, o, rng):
+    a, b = _lattice(dx, dy, p, ph, o)
+    amp, wavelength = rng.uniform(0.5, 0.9), rng.uniform(2.5, 4.0)  # stripes bent into waves
+    return np.floor(a + amp * np.sin(2 * np.pi * b / wavelength)) % 2
+
+def _ringed(dx, dy, p, ph, o, rng):
+    cx, cy = rng.uniform(-0.6, 0.6, 2) * p                          # concentric rings about a point near the centre
+    return np.floor(np.hypot(dx - cx, dy - cy) / p + o[0]) % 2
+
+TEXTURES = dict(striped=_striped, checkered=_checkered, dotted=_dotted, wavy=_wavy,
+                ringed=_ringed)  # name -> 0/1 pattern(dx, dy, period, orientation, phases, rng)
+
+# %% ../nbs/02_data.ipynb #1205d972
+@dataclass(frozen=True)
+class SceneSet:
+    "A generated segmentation task: which shapes and textures its objects have; the scene statistics are shared."
+    name: str                      # the dataset's name (`dataset=`) and its cache folder's prefix
+    shapes: tuple                  # keys of SHAPES
+    textures: tuple                # keys of TEXTURES
+    stream: int                    # offset of its random streams, so two tasks never draw the same scene
+    n_train: int                   # default images per split
+    n_val: int
+    version: int = 1               # bump when the generator changes: it names the cache folder
+
+    @property
+    def classes(self) -> tuple:
+        "Class names: background, then `<texture>_<shape>` with class = 1 + len(textures) * shape + texture."
+        return ('background',) + tuple(f'{t}_{s}' for s in self.shapes for t in self.textures)
+
+# %% ../nbs/02_data.ipynb #fb2628b1
+BENCHMARK = SceneSet('synthetic', ('disk', 'square', 'triangle'), ('striped', 'checkered'), 0, 2000, 500)
+PRETEXT = SceneSet('pretext', ('ellipse', 'cross', 'hexagon', 'ring'), ('dotted', 'wavy', 'ringed'), 1000, 8000, 1000)
+SCENE_SETS = {s.name: s for s in (BENCHMARK, PRETEXT)}
 
 # %% ../nbs/02_data.ipynb #b0c73ec7
 @functools.lru_cache(None)
@@ -524,8 +605,8 @@ def _two_colours(rng, min_diff=80):
             return c
 
 # %% ../nbs/02_data.ipynb #2c32b475
-def synthetic_scene(rng:np.random.Generator, size:int=64) -> tuple[np.ndarray, np.ndarray]:
-    "One scene: (image (size, size, 3) uint8 before JPEG, mask (size, size) uint8 in 0..6)."
+def synthetic_scene(rng:np.random.Generator, size:int=64, scenes:SceneSet=BENCHMARK) -> tuple[np.ndarray, np.ndarray]:
+    "One scene of `scenes`: (image (size, size, 3) uint8 before JPEG, mask (size, size) uint8 of class indices)."
     s = size / 64
     yy, xx = _pixel_grid(size)
     ca, cb = rng.uniform(0, 255, (2, 3))
@@ -540,37 +621,27 @@ def synthetic_scene(rng:np.random.Generator, size:int=64) -> tuple[np.ndarray, n
         img[(u / a) ** 2 + (v / b) ** 2 <= 1] = rng.uniform(0, 255, 3)
     mask = np.zeros((size, size), np.uint8)
     for _ in range(rng.integers(2, 5)):                      # objects, painted in order (occlusion)
-        shape, tex = rng.integers(3), rng.integers(2)
+        shape, tex = rng.integers(len(scenes.shapes)), rng.integers(len(scenes.textures))
         r = rng.uniform(10, 18) * s
         cx, cy = rng.uniform(0.1, 0.9, 2) * size
         th = rng.uniform(0, 2 * np.pi)
         dx, dy = xx - cx, yy - cy
         u, v = np.cos(th) * dx + np.sin(th) * dy, -np.sin(th) * dx + np.cos(th) * dy
-        if shape == 0:
-            inside = u * u + v * v <= r * r
-        elif shape == 1:
-            inside = np.maximum(np.abs(u), np.abs(v)) <= 0.886 * r     # same area as the disk
-        else:
-            inside = np.ones((size, size), bool)
-            for al in np.pi / 2 + 2 * np.pi / 3 * np.arange(3):
-                inside &= u * np.cos(al) + v * np.sin(al) <= 0.7 * r
-        p, ph, (o1, o2) = rng.uniform(2.5, 4.5) * s, rng.uniform(0, np.pi), rng.random(2)
-        a = (np.cos(ph) * dx + np.sin(ph) * dy) / p + o1
-        if tex == 0:
-            pat = np.floor(a) % 2
-        else:
-            pat = (np.floor(a) + np.floor((-np.sin(ph) * dx + np.cos(ph) * dy) / p + o2)) % 2
+        inside = SHAPES[scenes.shapes[shape]](u, v, r, rng)
+        p, ph, o = rng.uniform(2.5, 4.5) * s, rng.uniform(0, np.pi), rng.random(2)
+        pat = TEXTURES[scenes.textures[tex]](dx, dy, p, ph, o, rng)
         c = _two_colours(rng)
         img[inside] = np.where(pat[inside, None] > 0, c[0], c[1])
-        mask[inside] = 1 + 2 * shape + tex
+        mask[inside] = 1 + len(scenes.textures) * shape + tex
     img = img * (0.8 + 0.4 * _smooth_field(rng, size, 3))    # illumination
     img += rng.normal(0, rng.uniform(2, 6), img.shape)       # sensor noise
     return np.clip(img + 0.5, 0, 255).astype(np.uint8), mask
 
 # %% ../nbs/02_data.ipynb #5eaf0df4
-def synthetic_sample(index:int, split:str='train', seed:int=0, size:int=64):
-    "The `index`-th scene of `split` ('train' or 'val') for `seed`, as (image, mask) arrays."
-    return synthetic_scene(np.random.default_rng([seed, ('train', 'val').index(split), index]), size)
+def synthetic_sample(index:int, split:str='train', seed:int=0, size:int=64, scenes:SceneSet=BENCHMARK):
+    "The `index`-th scene of `split` ('train' or 'val') of `scenes` for `seed`, as (image, mask) arrays."
+    rng = np.random.default_rng([seed, scenes.stream + ('train', 'val').index(split), index])
+    return synthetic_scene(rng, size, scenes)
 
 # %% ../nbs/02_data.ipynb #fd76b602
 def _data_home() -> Path:
@@ -584,16 +655,18 @@ def _write_sample(d:Path, id_:str, im:np.ndarray, m:np.ndarray):
 
 # %% ../nbs/02_data.ipynb #ba855a62
 def make_synthetic(root=None, # cache folder (default $SEMISEG_DATA or ~/.cache/semiseg); the data goes in a subfolder
-                   n_train:int=2000, n_val:int=500, # images per split
+                   n_train:int|None=None, n_val:int|None=None, # images per split (default: the task's)
                    size:int=64, # image side in pixels (object sizes scale with it)
                    seed:int=0, # generator seed
-                   verbose:bool=False # print what was done and how long it took
+                   verbose:bool=False, # print what was done and how long it took
+                   scenes:SceneSet=BENCHMARK # the task: BENCHMARK or PRETEXT
                   ) -> Path:
-    "The root of the synthetic benchmark in VOC layout, generated once and cached."
+    "The root of a generated task (the benchmark by default) in VOC layout, generated once and cached."
+    n_train, n_val = n_train or scenes.n_train, n_val or scenes.n_val
     if min(n_train, n_val) < 1 or size < 16:
         raise ValueError('make_synthetic: need n_train, n_val >= 1 and size >= 16')
     cache = Path(root) if root is not None else _data_home()
-    dest = cache/f'synthetic-v{SYNTHETIC_VERSION}-n{n_train}-{n_val}-{size}px-seed{seed}'
+    dest = cache/f'{scenes.name}-v{scenes.version}-n{n_train}-{n_val}-{size}px-seed{seed}'
     if (dest/'ImageSets'/'Segmentation'/'val.txt').is_file():
         return dest
     cache.mkdir(parents=True, exist_ok=True)
@@ -604,10 +677,11 @@ def make_synthetic(root=None, # cache folder (default $SEMISEG_DATA or ~/.cache/
         for split, n in (('train', n_train), ('val', n_val)):
             ids = [f'{split}_{i:05d}' for i in range(n)]
             for i, id_ in enumerate(ids):
-                _write_sample(tmp, id_, *synthetic_sample(i, split, seed, size))
+                _write_sample(tmp, id_, *synthetic_sample(i, split, seed, size, scenes))
             write_split(tmp/'ImageSets'/'Segmentation'/f'{split}.txt', ids)
-        (tmp/'classes.yaml').write_text(yaml.safe_dump(dict(classes=list(SYNTHETIC_CLASSES),
-                                                           palette=voc_palette()[:7].tolist()), sort_keys=False))
+        (tmp/'classes.yaml').write_text(yaml.safe_dump(dict(classes=list(scenes.classes),
+                                                           palette=voc_palette()[:len(scenes.classes)].tolist()),
+                                                      sort_keys=False))
         os.chmod(tmp, 0o755)                                 # mkdtemp makes it private
         try:
             os.replace(tmp, dest)
@@ -625,7 +699,7 @@ def make_synthetic(root=None, # cache folder (default $SEMISEG_DATA or ~/.cache/
 @dataclass
 class DatasetSpec:
     "A dataset resolved: where it is, its classes, how its masks decode, its colours."
-    name: str                          # synthetic | voc | cityscapes | folder
+    name: str                          # synthetic | pretext | voc | cityscapes | folder
     root: Path
     class_names: list
     label_map: np.ndarray | None       # (256,) raw mask value -> class (Cityscapes labelIds -> train ids)
@@ -651,17 +725,17 @@ class DatasetSpec:
                           palette=self.palette)
 
 # %% ../nbs/02_data.ipynb #b635197e
-DATASETS = ('synthetic', 'voc', 'cityscapes', 'folder')
+DATASETS = (*SCENE_SETS, 'voc', 'cityscapes', 'folder')
 
 # %% ../nbs/02_data.ipynb #ae86411b
-def dataset_spec(dataset:str, # synthetic | voc | cityscapes | folder
+def dataset_spec(dataset:str, # synthetic | pretext | voc | cityscapes | folder
                  data_root=None # the dataset's folder (synthetic: a generated benchmark, or a cache to generate into)
                 ) -> DatasetSpec:
     "Resolve a dataset name and folder into a `DatasetSpec`."
-    if dataset == 'synthetic':
-        given = Path(data_root) if data_root else None
-        root = given if given and (given/'ImageSets').is_dir() else make_synthetic(given)
-        return DatasetSpec(dataset, root, list(SYNTHETIC_CLASSES), None, None, voc_palette(), True)
+    if dataset in SCENE_SETS:
+        given, scenes = Path(data_root) if data_root else None, SCENE_SETS[dataset]
+        root = given if given and (given/'ImageSets').is_dir() else make_synthetic(given, scenes=scenes)
+        return DatasetSpec(dataset, root, list(scenes.classes), None, None, voc_palette(), True)
     if dataset not in DATASETS:
         raise ValueError(f"unknown dataset '{dataset}': {nearest(dataset, DATASETS)}")
     if data_root is None:

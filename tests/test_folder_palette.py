@@ -11,7 +11,7 @@ from semiseg import data as D
 def colour_folder(tiny_data, tmp_path_factory):
     "The tiny benchmark as a folder dataset with RGB colour masks and the palette in classes.yaml."
     root = tmp_path_factory.mktemp("colour")
-    pal = D.voc_palette()[:len(D.SYNTHETIC_CLASSES)]
+    pal = D.voc_palette()[:len(D.BENCHMARK.classes)]
     for split in ("train", "val"):
         items = D.voc_items(tiny_data, split)
         for i, img, mask in items:
@@ -20,7 +20,7 @@ def colour_folder(tiny_data, tmp_path_factory):
             Image.open(img).save(root / "images" / f"{i}.png")
             Image.fromarray(pal[np.array(Image.open(mask))]).save(root / "masks" / f"{i}.png")
         D.write_split(root / "splits" / f"{split}.txt", [i for i, _, _ in items])
-    (root / "classes.yaml").write_text(yaml.safe_dump(dict(classes=list(D.SYNTHETIC_CLASSES), palette=pal.tolist())))
+    (root / "classes.yaml").write_text(yaml.safe_dump(dict(classes=list(D.BENCHMARK.classes), palette=pal.tolist())))
     return root
 
 

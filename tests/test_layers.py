@@ -22,7 +22,7 @@ LAYERS = {
     "semiseg.check": 8,
     "semiseg.methods": 9,
     "semiseg.train": 10,
-    "semiseg.bench": 11, "semiseg.sweep": 11,
+    "semiseg.bench": 11, "semiseg.sweep": 11, "semiseg.pretrain": 11,
     "semiseg.papers": 12,
     "semiseg.figures": 13,
     "semiseg.report": 14, "semiseg.viewer": 14,
