@@ -220,7 +220,7 @@ def test_paper_rows_only_beside_their_method():
     drawn = F.paper_overlay(runs, cps_t1)
     assert {(p["method"], p["label"]) for p in drawn} == {("cps", "Ours (w/o CutMix Aug.)")} and len(drawn) == 4
     labels = [line.get_label() for line in F.miou_vs_labels(runs, paper=cps_t1).axes[0].lines]
-    assert labels == ["Supervised", "CPS", "cps_ucc_aug", "CPS (paper)"]
+    assert labels == ["Supervised", "CPS", "CPS + UCC aug.", "CPS (paper)"]
     with pytest.raises(ValueError, match="drawn only beside runs of the method that computes it"):
         F.paper_overlay([r for r in runs if r["method"] == "cps_ucc_aug"], cps_t1)
 
