@@ -144,6 +144,7 @@ class TrainConfig:
     eval_batch_size: int = 0          # 0: 16 for fixed-size images (synthetic), else 1
     ckpt_every: int = 500             # write ckpt/last.pt every N iterations
     log_every: int = 50
+    tensorboard: bool = True          # also log to out_dir/tb/ for TensorBoard (needs `pip install tensorboard`)
     seed: int = 0
     out_dir: str | None = None        # default: runs/<method>-<dataset>-<labeled>-s<seed>
     resume: bool = True               # continue from out_dir/ckpt/last.pt when it exists (with the same options)
