@@ -66,15 +66,15 @@ def test_template_through_papermill(template_run):
 
 
 def test_sweep_2x2_with_a_failing_run(bench, tmp_path):
-    # slide evaluation without a window size fails at the end of training; the other three runs must finish
-    grid = {"eval_protocol": ["whole", "slide"], "eval_crop": [None, 48]}
+    # CPS with every image labeled has no unlabeled stream: it fails when the run sets up; the other three must finish
+    grid = {"method": ["supervised", "cps"], "labeled": [8, 40]}
     rows = S.sweep(grid, dict(TINY, data_root=str(bench), iters=6, eval_every=0), out_root=tmp_path / "sweep", jobs=2,
                    runner="notebook", verbose=False)
-    status = {(r["eval_protocol"], r["eval_crop"]): r["status"] for r in rows}
-    assert status == {("whole", None): "ok", ("whole", 48): "ok", ("slide", None): "failed", ("slide", 48): "ok"}
+    status = {(r["method"], r["labeled"]): r["status"] for r in rows}
+    assert status == {("supervised", 8): "ok", ("supervised", 40): "ok", ("cps", 8): "ok", ("cps", 40): "failed"}
     bad = next(r for r in rows if r["status"] == "failed")
     assert bad["exit_status"] == 1 and bad["miou"] is None
-    assert "ValueError" in bad["error"] and "needs crop" in bad["error"] and "Traceback" in bad["error"]
+    assert "ValueError" in bad["error"] and "leaves none" in bad["error"] and "Traceback" in bad["error"]
     assert bad["failed_cell"].startswith("In [") and "# train" in bad["failed_cell"]
     assert Path(bad["notebook"]).is_file()                                               # the record shows the error too
     good = [r for r in rows if r["status"] == "ok"]
@@ -82,7 +82,7 @@ def test_sweep_2x2_with_a_failing_run(bench, tmp_path):
     table = R.load_results(tmp_path / "sweep" / "results.csv")
     assert [r["run"] for r in table] == [r["run"] for r in rows] and table[0]["config"]["iters"] == 6
     header = (tmp_path / "sweep" / "results.csv").read_text().splitlines()[0].split(",")
-    assert header[:8] == ["run", "status", "method", "dataset", "labeled", "seed", "eval_protocol", "eval_crop"]
+    assert header[:6] == ["run", "status", "method", "dataset", "labeled", "seed"]
     assert {"miou", "iou_striped_disk", "wall_s", "error", "failed_cell", "exit_status", "config"} <= set(header)
 
 
@@ -220,7 +220,7 @@ def test_paper_rows_only_beside_their_method():
     drawn = F.paper_overlay(runs, cps_t1)
     assert {(p["method"], p["label"]) for p in drawn} == {("cps", "Ours (w/o CutMix Aug.)")} and len(drawn) == 4
     labels = [line.get_label() for line in F.miou_vs_labels(runs, paper=cps_t1).axes[0].lines]
-    assert labels == ["Supervised", "CPS", "cps_ucc_aug", "CPS (paper)"]
+    assert labels == ["Supervised", "CPS", "CPS + UCC aug.", "CPS (paper)"]
     with pytest.raises(ValueError, match="drawn only beside runs of the method that computes it"):
         F.paper_overlay([r for r in runs if r["method"] == "cps_ucc_aug"], cps_t1)
 

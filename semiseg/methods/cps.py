@@ -170,7 +170,7 @@ class SPSCutMix(SPS):
         cutmix: bool = True
 
 # %% ../../nbs/21_cps.ipynb #ed5feb1e
-@register("cps_ucc_aug", label="CPS + UCC aug.", color="#bcbd22", weight="cps_weight", demo=True, order=20)
+@register("cps_ucc_aug", label="CPS + UCC aug.", color="#393b79", weight="cps_weight", demo=True, order=20)
 class CPSUCCAug(CPS):
     "semiseg's recipe: CPS with UCC's weak→strong view and DCSCP copy-paste (`cps ws=true copy_paste=dcscp`)."
     @dataclass
@@ -179,7 +179,7 @@ class CPSUCCAug(CPS):
         copy_paste: str = "dcscp"
 
 # %% ../../nbs/21_cps.ipynb #08ae0499
-@register("sps_ucc_aug", label="SPS + UCC aug.", color="#dbdb8d", weight="cps_weight", order=21)
+@register("sps_ucc_aug", label="SPS + UCC aug.", color="#6b6ecf", weight="cps_weight", order=21)
 class SPSUCCAug(SPS):
     "semiseg's recipe with one network: SPS with UCC's weak→strong view and DCSCP (`sps ws=true copy_paste=dcscp`)."
     @dataclass
