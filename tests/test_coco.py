@@ -1,11 +1,11 @@
-"""dataset=coco end to end: class masks made from COCO-format annotations, then a short run on Xception-65."""
+"""dataset=coco end to end: class masks made from COCO-format annotations, short runs on Xception-65 and of CISC-R."""
 import json
 import numpy as np
 import pytest
 from PIL import Image
 from pycocotools import mask as mask_utils
 from semiseg.data import COCO_CATEGORY_IDS, COCO_CLASSES, dataset_spec
-from semiseg.train import train
+from semiseg.train import run, train
 
 
 def write_coco_split(root, split, images, anns):
@@ -69,3 +69,11 @@ def test_short_run_on_coco_with_xception65(coco_root, tmp_path):
                 batch_size=2, crop=32, iters=2, workers=0, out_dir=str(tmp_path / "run"))
     assert (res["dataset"], res["n_labeled"], len(res["per_class_iou"])) == ("coco", 2, 81)
     assert res["per_class_iou"][1] is not None and res["per_class_iou"][17] is None   # person in val; dog is not
+
+
+def test_ciscr_pipeline_runs_on_coco(coco_root, tmp_path):
+    "CISC-R's three stages on COCO's 81 classes (the tiny backbone), each stage with its TensorBoard log."
+    res = run(dict(method="ciscr", dataset="coco", data_root=str(coco_root), labeled=2, batch_size=2, batch_size_u=2,
+                   crop=32, iters=2, workers=0, out_dir=str(tmp_path / "run"), **{"stage1.iters": 2, "stage2.iters": 2}))
+    assert (res["dataset"], res["stage_iters"], len(res["per_class_iou"])) == ("coco", [2, 2, 2], 81)
+    assert all((tmp_path / "run" / s / "tb").is_dir() for s in ("stage1", "stage2", "stage3"))
