@@ -261,8 +261,10 @@ def board_scalars(rec: dict, class_names=()) -> dict:
 # %% ../nbs/12_train.ipynb #b787e444
 class Board:
     "A run's TensorBoard log: the metrics.jsonl records and pictures of predictions; without `log_dir`, nothing."
-    def __init__(self, log_dir=None, start: int = 0, class_names=(), palette=None, n_pictures: int = 4):
-        self.class_names, self.palette, self.n_pictures, self.writer = list(class_names), palette, n_pictures, None
+    def __init__(self, log_dir=None, start: int = 0, class_names=(), palette=None, n_pictures: int = 4,
+                 max_height: int = 256):
+        self.class_names, self.palette, self.writer = list(class_names), palette, None
+        self.n_pictures, self.max_height = n_pictures, max_height
         if log_dir is not None:
             from torch.utils.tensorboard import SummaryWriter     # optional: tensorboard is a dev extra
             self.writer = SummaryWriter(str(log_dir), purge_step=start + 1 if start else None)
@@ -280,8 +282,9 @@ class Board:
             return
         shown = predict_samples(model, ds, range(min(self.n_pictures, len(ds))), **eval_options)
         for id_, image, gt, pred in zip(shown["ids"], shown["images"], shown["gts"], shown["preds"]):
+            step = -(-image.shape[0] // self.max_height)           # every step-th pixel: at most max_height high
             strip = np.concatenate([image, colorize(gt, self.palette), colorize(pred, self.palette)], axis=1)
-            self.writer.add_image(f"val_images/{id_}", strip, it, dataformats="HWC")
+            self.writer.add_image(f"val_images/{id_}", strip[::step, ::step], it, dataformats="HWC")
         self.writer.flush()
 
     def close(self):
