@@ -6,6 +6,7 @@ Docs: https://semiseg.github.io/semiseg/data.html.md"""
 
 # %% ../nbs/02_data.ipynb #e29dee8d
 from __future__ import annotations
+import contextlib
 import functools
 import hashlib
 import io
@@ -26,14 +27,16 @@ import torch
 import yaml
 from PIL import Image, ImageOps
 from torchvision import tv_tensors
+from tqdm import tqdm
 from .core import IGNORE_INDEX, atomic_write, nearest
 from .transforms import train_transform, eval_transform
 
 # %% auto #0
 __all__ = ['VOC_CLASSES', 'CITYSCAPES_CLASSES', 'CITYSCAPES_LABEL_TO_TRAIN', 'IMAGE_EXTS', 'VOC_LAYOUT', 'CITYSCAPES_LAYOUT',
-           'FOLDER_LAYOUT', 'SYNTHETIC_VERSION', 'SYNTHETIC_CLASSES', 'DATASETS', 'voc_palette', 'label_lut',
-           'cityscapes_palette', 'colorize', 'mask_png', 'upright', 'open_image', 'SegDataset', 'read_split',
-           'write_split', 'voc_items', 'cityscapes_items', 'load_yaml', 'read_yaml', 'read_classes', 'folder_items',
+           'FOLDER_LAYOUT', 'COCO_CATEGORY_IDS', 'COCO_CLASSES', 'COCO_LAYOUT', 'SYNTHETIC_VERSION',
+           'SYNTHETIC_CLASSES', 'DATASETS', 'voc_palette', 'label_lut', 'cityscapes_palette', 'colorize', 'mask_png',
+           'upright', 'open_image', 'SegDataset', 'read_split', 'write_split', 'voc_items', 'cityscapes_items',
+           'load_yaml', 'read_yaml', 'read_classes', 'folder_items', 'coco_class_mask', 'coco_masks', 'coco_items',
            'parse_labeled', 'n_labeled', 'partition', 'synthetic_scene', 'synthetic_sample', 'make_synthetic',
            'DatasetSpec', 'dataset_spec', 'split_pool', 'Data', 'build_data', 'unlabeled_data', 'collate']
 
@@ -436,6 +439,99 @@ def folder_items(root, # folder with images/, masks/, classes.yaml
         items.append((i, imgs[i], _mask_or_fail(root/'masks'/f'{i}.png', masks, FOLDER_LAYOUT)))
     return items
 
+# %% ../nbs/02_data.ipynb #520d2c27
+COCO_CATEGORY_IDS = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 27, 28, 31,
+                     32, 33, 34, 35, 36, 37, 38, 39, 40, 41, 42, 43, 44, 46, 47, 48, 49, 50, 51, 52, 53, 54, 55, 56, 57,
+                     58, 59, 60, 61, 62, 63, 64, 65, 67, 70, 72, 73, 74, 75, 76, 77, 78, 79, 80, 81, 82, 84, 85, 86, 87,
+                     88, 89, 90)   # COCO's 80 object categories; class k (1..80) is the k-th
+
+# %% ../nbs/02_data.ipynb #2a63eabe
+COCO_CLASSES = ('background', 'person', 'bicycle', 'car', 'motorcycle', 'airplane', 'bus', 'train', 'truck', 'boat',
+                'traffic light', 'fire hydrant', 'stop sign', 'parking meter', 'bench', 'bird', 'cat', 'dog', 'horse',
+                'sheep', 'cow', 'elephant', 'bear', 'zebra', 'giraffe', 'backpack', 'umbrella', 'handbag', 'tie',
+                'suitcase', 'frisbee', 'skis', 'snowboard', 'sports ball', 'kite', 'baseball bat', 'baseball glove',
+                'skateboard', 'surfboard', 'tennis racket', 'bottle', 'wine glass', 'cup', 'fork', 'knife', 'spoon',
+                'bowl', 'banana', 'apple', 'sandwich', 'orange', 'broccoli', 'carrot', 'hot dog', 'pizza', 'donut',
+                'cake', 'chair', 'couch', 'potted plant', 'bed', 'dining table', 'toilet', 'tv', 'laptop', 'mouse',
+                'remote', 'keyboard', 'cell phone', 'microwave', 'oven', 'toaster', 'sink', 'refrigerator', 'book',
+                'clock', 'vase', 'scissors', 'teddy bear', 'hair drier', 'toothbrush')
+
+# %% ../nbs/02_data.ipynb #7f95ef77
+COCO_LAYOUT = '''  <root>/train2017/<id>.jpg, <root>/val2017/<id>.jpg           (the COCO 2017 images)
+  <root>/annotations/instances_train2017.json, instances_val2017.json   (from annotations_trainval2017.zip)
+  <root>/masks/<id>.png, <root>/masks/<split>.txt   (class masks and split lists, made once by semiseg)'''
+
+# %% ../nbs/02_data.ipynb #47570e57
+def coco_class_mask(coco, # a `pycocotools.coco.COCO` of the split's annotations
+                    img_id:int # the image's COCO id
+                   ) -> np.ndarray:
+    "The (H, W) uint8 class mask of a COCO image: background 0, crowd regions 255, instances over them, largest first."
+    info = coco.imgs[img_id]
+    mask = np.zeros((info['height'], info['width']), np.uint8)
+    anns = coco.loadAnns(coco.getAnnIds(imgIds=img_id, iscrowd=None))
+    for a in sorted(anns, key=lambda a: (not a['iscrowd'], -a['area'])):     # crowd regions, then large to small
+        mask[coco.annToMask(a) > 0] = IGNORE_INDEX if a['iscrowd'] else COCO_CATEGORY_IDS.index(a['category_id']) + 1
+    return mask
+
+# %% ../nbs/02_data.ipynb #7053e63b
+def coco_masks(root, # the COCO folder (see `COCO_LAYOUT`)
+               split:str='train2017' # 'train2017' or 'val2017'
+              ) -> list[str]:
+    "The ids of a COCO split, after making its class masks `<root>/masks/<id>.png` from its annotations (once)."
+    root = Path(root)
+    done = root/'masks'/f'{split}.txt'
+    if done.is_file():
+        return read_split(done)
+    ann = root/'annotations'/f'instances_{split}.json'
+    if not ann.is_file():
+        raise FileNotFoundError(f'{ann} not found: the class masks of COCO {split} are made from it (once); download '
+                                f'annotations_trainval2017.zip from cocodataset.org and unzip it in {root}; '
+                                f'expected layout:\n{COCO_LAYOUT}')
+    try:
+        from pycocotools.coco import COCO                  # optional: only needed to make the masks, once
+    except ImportError:
+        raise ImportError('making the COCO class masks needs pycocotools: pip install pycocotools') from None
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco = COCO(str(ann))
+    cats = sorted(coco.cats)
+    if tuple(cats) != COCO_CATEGORY_IDS:
+        raise ValueError(f'{ann}: expected the 80 COCO object categories (ids {COCO_CATEGORY_IDS[0]}..'
+                         f'{COCO_CATEGORY_IDS[-1]}), got {len(cats)} categories: use the instances_*2017.json of COCO')
+    have, ids = _files(root/'masks'), []
+    for info in tqdm(sorted(coco.imgs.values(), key=lambda d: d['file_name']), desc=f'COCO {split} masks',
+                     disable=len(coco.imgs) < 1000, mininterval=10):
+        i = Path(info['file_name']).stem
+        if f'{i}.png' not in have:
+            atomic_write(root/'masks'/f'{i}.png', mask_png(coco_class_mask(coco, info['id'])))
+        ids.append(i)
+    write_split(done, ids)
+    return ids
+
+# %% ../nbs/02_data.ipynb #6be98955
+def coco_items(root, # the COCO folder (see `COCO_LAYOUT`)
+               split='train', # 'train' / 'val' (or 'train2017' / 'val2017'), or a path to a split file
+               masks:bool|str=True # True: required, 'optional': missing -> unlabeled, False: no masks
+              ) -> list[tuple]:
+    "Items `(id, image, mask)` of a COCO 2017 split (81 classes; the masks are made once, see `coco_masks`)."
+    root = _check_dir(root, 'COCO root', COCO_LAYOUT)
+    p = Path(split)
+    is_file = p.suffix == '.txt' or p.is_file() or len(p.parts) > 1
+    splits = ['train2017', 'val2017'] if is_file else [split if split.endswith('2017') else f'{split}2017']
+    found = {}
+    for s in splits:
+        imgs = _files(_check_dir(root/s, 'image folder', COCO_LAYOUT))
+        for i in coco_masks(root, s):
+            if f'{i}.jpg' not in imgs:
+                raise FileNotFoundError(f'image {root/s/i}.jpg not found; expected layout:\n{COCO_LAYOUT}')
+            found[i] = root/s/f'{i}.jpg'
+    ids = _split_ids(root, split, '') if is_file else list(found)
+    items = []
+    for i in ids:
+        if i not in found:
+            raise FileNotFoundError(f'image {i} (from {split}) is in neither {root/"train2017"} nor {root/"val2017"}')
+        items.append((i, found[i], _mask_or_fail(root/'masks'/f'{i}.png', masks, COCO_LAYOUT)))
+    return items
+
 # %% ../nbs/02_data.ipynb #b32bad6b
 def parse_labeled(labeled # fraction (float or '1/16') or count (int or '92')
                  ) -> int|Fraction:
@@ -625,7 +721,7 @@ def make_synthetic(root=None, # cache folder (default $SEMISEG_DATA or ~/.cache/
 @dataclass
 class DatasetSpec:
     "A dataset resolved: where it is, its classes, how its masks decode, its colours."
-    name: str                          # synthetic | voc | cityscapes | folder
+    name: str                          # synthetic | voc | cityscapes | coco | folder
     root: Path
     class_names: list
     label_map: np.ndarray | None       # (256,) raw mask value -> class (Cityscapes labelIds -> train ids)
@@ -639,7 +735,7 @@ class DatasetSpec:
 
     def items(self, split) -> list[tuple]:
         "Items `(id, image, mask)` of `split` (a split name or a split file)."
-        read = {'cityscapes': cityscapes_items, 'folder': folder_items}.get(self.name, voc_items)
+        read = {'cityscapes': cityscapes_items, 'coco': coco_items, 'folder': folder_items}.get(self.name, voc_items)
         return read(self.root, split)
 
     def dataset(self, items, transform=None, pseudo_dir=None) -> SegDataset:
@@ -651,10 +747,10 @@ class DatasetSpec:
                           palette=self.palette)
 
 # %% ../nbs/02_data.ipynb #b635197e
-DATASETS = ('synthetic', 'voc', 'cityscapes', 'folder')
+DATASETS = ('synthetic', 'voc', 'cityscapes', 'coco', 'folder')
 
 # %% ../nbs/02_data.ipynb #ae86411b
-def dataset_spec(dataset:str, # synthetic | voc | cityscapes | folder
+def dataset_spec(dataset:str, # synthetic | voc | cityscapes | coco | folder
                  data_root=None # the dataset's folder (synthetic: a generated benchmark, or a cache to generate into)
                 ) -> DatasetSpec:
     "Resolve a dataset name and folder into a `DatasetSpec`."
@@ -672,6 +768,8 @@ def dataset_spec(dataset:str, # synthetic | voc | cityscapes | folder
     if dataset == 'cityscapes':
         return DatasetSpec(dataset, root, list(CITYSCAPES_CLASSES), CITYSCAPES_LABEL_TO_TRAIN, None,
                            cityscapes_palette(), False)
+    if dataset == 'coco':
+        return DatasetSpec(dataset, root, list(COCO_CLASSES), None, None, voc_palette(), False)
     names, pal = read_classes(root)
     return DatasetSpec(dataset, root, names, None, pal, voc_palette() if pal is None else pal, False)
 
