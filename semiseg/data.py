@@ -35,7 +35,8 @@ __all__ = ['VOC_CLASSES', 'CITYSCAPES_CLASSES', 'CITYSCAPES_LABEL_TO_TRAIN', 'IM
            'cityscapes_palette', 'colorize', 'mask_png', 'upright', 'open_image', 'SegDataset', 'read_split',
            'write_split', 'voc_items', 'cityscapes_items', 'load_yaml', 'read_yaml', 'read_classes', 'folder_items',
            'parse_labeled', 'n_labeled', 'partition', 'synthetic_scene', 'synthetic_sample', 'make_synthetic',
-           'DatasetSpec', 'dataset_spec', 'split_pool', 'Data', 'build_data', 'unlabeled_data', 'collate']
+           'DatasetSpec', 'dataset_spec', 'split_pool', 'Data', 'build_data', 'unlabeled_data', 'collate', 'mask_tags',
+           'read_tags', 'Tagged']
 
 # %% ../nbs/02_data.ipynb #15b854fa
 VOC_CLASSES = ('background', 'aeroplane', 'bicycle', 'bird', 'boat', 'bottle', 'bus', 'car', 'cat', 'chair', 'cow',
@@ -753,3 +754,60 @@ def collate(samples:list[dict]) -> dict:
             return torch.tensor(values)
         return list(values)
     return {k: batch([s[k] for s in samples]) for k in samples[0]}
+
+# %% ../nbs/02_data.ipynb #dd456b7b
+def mask_tags(ds:SegDataset) -> torch.Tensor:
+    "(N, C) float multi-hot tags of a dataset's images: the classes present in each full-size mask."
+    tags = torch.zeros(len(ds), ds.num_classes)
+    for n, (id_, _, mp) in enumerate(ds.items):
+        if mp is None:
+            raise ValueError(f"image '{id_}' has no mask to read its image-level tags from: give the tags in a "
+                             f"file instead (one line per image: id, then its class names)")
+        with Image.open(mp) as im:
+            size = im.size
+        m = ds.read_mask(mp, size)
+        present = np.unique(m[m != IGNORE_INDEX])
+        if present.size and present.max() >= ds.num_classes:
+            raise ValueError(f'{mp}: mask value {present.max()} is not a class (0..{ds.num_classes - 1})')
+        tags[n, torch.from_numpy(present.astype(np.int64))] = 1
+    return tags
+
+# %% ../nbs/02_data.ipynb #85bbdb27
+def read_tags(path, # tags file: one line per image, `id class class ...` (class names or indices; # comments)
+              class_names:list, # the dataset's classes
+              ids:list # the images that need tags, in order
+             ) -> torch.Tensor:
+    "(N, C) float multi-hot tags of the images `ids` from a tags file."
+    index = {n: k for k, n in enumerate(class_names)}
+    found = {}
+    for ln, line in enumerate(_read_text(path).splitlines(), 1):
+        fields = line.split('#')[0].split()
+        if not fields:
+            continue
+        row = torch.zeros(len(class_names))
+        for name in fields[1:]:
+            k = int(name) if name.isdigit() else index.get(name)
+            if k is None or not 0 <= k < len(class_names):
+                raise ValueError(f"{path}, line {ln}: '{name}' is not a class; classes: {', '.join(class_names)}")
+            row[k] = 1
+        found[fields[0]] = row
+    missing = [i for i in ids if i not in found]
+    if missing:
+        raise ValueError(f"{path}: no tags for {len(missing)} images, e.g. '{missing[0]}': add a line "
+                         f"'{missing[0]} <class> ...' for each")
+    return torch.stack([found[i] for i in ids]) if ids else torch.zeros(0, len(class_names))
+
+# %% ../nbs/02_data.ipynb #743b24fb
+class Tagged(torch.utils.data.Dataset):
+    "A dataset whose samples also carry their image-level tags: `tags`, a (C,) float multi-hot vector."
+    def __init__(self, ds, # a dataset of dict samples
+                 tags:torch.Tensor): # (len(ds), C) multi-hot tags
+        if len(tags) != len(ds):
+            raise ValueError(f'{len(tags)} tag vectors for {len(ds)} images')
+        self.ds, self.tags = ds, tags
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, i):
+        return {**self.ds[i], 'tags': self.tags[i]}
