@@ -31,12 +31,13 @@ from .transforms import train_transform, eval_transform
 
 # %% auto #0
 __all__ = ['VOC_CLASSES', 'CITYSCAPES_CLASSES', 'CITYSCAPES_LABEL_TO_TRAIN', 'IMAGE_EXTS', 'VOC_LAYOUT', 'CITYSCAPES_LAYOUT',
-           'FOLDER_LAYOUT', 'SYNTHETIC_VERSION', 'SYNTHETIC_CLASSES', 'DATASETS', 'voc_palette', 'label_lut',
-           'cityscapes_palette', 'colorize', 'mask_png', 'upright', 'open_image', 'SegDataset', 'read_split',
-           'write_split', 'voc_items', 'cityscapes_items', 'load_yaml', 'read_yaml', 'read_classes', 'folder_items',
-           'parse_labeled', 'n_labeled', 'partition', 'synthetic_scene', 'synthetic_sample', 'make_synthetic',
-           'DatasetSpec', 'dataset_spec', 'split_pool', 'Data', 'build_data', 'unlabeled_data', 'collate', 'mask_tags',
-           'read_tags', 'Tagged']
+           'FOLDER_LAYOUT', 'CAMVID_CLASSES', 'CAMVID_LABEL_MAP', 'CAMVID_LAYOUT', 'SUNRGBD_CLASSES',
+           'SUNRGBD_LABEL_MAP', 'SUNRGBD_LAYOUT', 'SYNTHETIC_VERSION', 'SYNTHETIC_CLASSES', 'DATASETS', 'voc_palette',
+           'label_lut', 'cityscapes_palette', 'colorize', 'mask_png', 'upright', 'open_image', 'SegDataset',
+           'read_split', 'write_split', 'voc_items', 'cityscapes_items', 'load_yaml', 'read_yaml', 'read_classes',
+           'folder_items', 'camvid_items', 'sunrgbd_items', 'parse_labeled', 'n_labeled', 'partition',
+           'synthetic_scene', 'synthetic_sample', 'make_synthetic', 'DatasetSpec', 'dataset_spec', 'split_pool', 'Data',
+           'build_data', 'unlabeled_data', 'collate', 'mask_tags', 'read_tags', 'Tagged']
 
 # %% ../nbs/02_data.ipynb #15b854fa
 VOC_CLASSES = ('background', 'aeroplane', 'bicycle', 'bird', 'boat', 'bottle', 'bus', 'car', 'cat', 'chair', 'cow',
@@ -436,6 +437,70 @@ def folder_items(root, # folder with images/, masks/, classes.yaml
             raise FileNotFoundError(f'image {root/"images"/i}.* not found; expected layout:\n{FOLDER_LAYOUT}')
         items.append((i, imgs[i], _mask_or_fail(root/'masks'/f'{i}.png', masks, FOLDER_LAYOUT)))
     return items
+
+# %% ../nbs/02_data.ipynb #6198852f
+def _foldered_items(root:Path, split, # a split folder's name or a split file
+                    splits:tuple, # the dataset's split names (the folders a split file's ids are looked up in)
+                    image_dir, # split -> its image folder under root
+                    pattern:str, # glob of a split folder's images
+                    mask_of, # (split, image path) -> mask path
+                    masks, layout:str) -> list[tuple]:
+    "Items `(id, image, mask)` of a dataset whose splits are folders; an image's id is its file stem."
+    p = Path(split)
+    is_file = p.suffix == '.txt' or p.is_file() or len(p.parts) > 1
+    if not is_file:
+        _check_dir(root/image_dir(split), f"split '{split}' folder", layout)
+    found = {}
+    for s in (splits if is_file else [split]):
+        for f in sorted((root/image_dir(s)).glob(pattern)):
+            found[f.stem] = (s, f)
+    ids = _split_ids(root, split, '') if is_file else list(found)
+    if not ids:
+        raise FileNotFoundError(f'no images ({pattern}) in {root/image_dir(split)}; expected layout:\n{layout}')
+    items = []
+    for i in ids:
+        if i not in found:
+            raise FileNotFoundError(f"image '{i}' of {split} not found in the split folders {list(splits)} of {root}; "
+                                    f'expected layout:\n{layout}')
+        s, f = found[i]
+        items.append((i, f, _mask_or_fail(mask_of(s, f), masks, layout)))
+    return items
+
+# %% ../nbs/02_data.ipynb #5ddc270f
+CAMVID_CLASSES = ('sky', 'building', 'pole', 'road', 'pavement', 'tree', 'sign_symbol', 'fence', 'car', 'pedestrian',
+                  'bicyclist')
+CAMVID_LABEL_MAP = label_lut({k: k for k in range(11)})   # 11 (unlabelled) -> 255
+CAMVID_LAYOUT = '''  <root>/<split>/<name>.png          (split: train, val, test)
+  <root>/<split>annot/<name>.png     (grayscale class indices 0-10, 11 = unlabelled)
+  <root>/<split>.txt                 (optional: SegNet's lists, `<image path> <mask path>` per line)'''
+
+# %% ../nbs/02_data.ipynb #f0a455bc
+def camvid_items(root, # CamVid folder (train/, trainannot/, val/, ...)
+                 split='train', # 'train', 'val', 'test' or a path to a split file
+                 masks:bool|str=True # True: required, 'optional': missing -> unlabeled, False: no masks
+                ) -> list[tuple]:
+    "Items `(id, image, mask)` of a CamVid split in SegNet's layout; masks are raw (use `CAMVID_LABEL_MAP`)."
+    root = _check_dir(root, 'CamVid root', CAMVID_LAYOUT)
+    return _foldered_items(root, split, ('train', 'val', 'test'), lambda s: s, '*.png',
+                           lambda s, f: root/f'{s}annot'/f.name, masks, CAMVID_LAYOUT)
+
+# %% ../nbs/02_data.ipynb #b448725f
+SUNRGBD_CLASSES = ('bed', 'books', 'ceiling', 'chair', 'floor', 'furniture', 'objects', 'picture', 'sofa', 'table',
+                   'tv', 'wall', 'window')
+SUNRGBD_LABEL_MAP = label_lut({k + 1: k for k in range(13)})   # 0 (unlabelled) -> 255, k + 1 -> k
+SUNRGBD_LAYOUT = '''  <root>/SUNRGBD-<split>_images/img-<number>.jpg     (split: train, test)
+  <root>/<split>13labels/img13labels-<number>.png   (0 = unlabelled, 1 bed ... 13 window)'''
+
+# %% ../nbs/02_data.ipynb #51c7786f
+def sunrgbd_items(root, # SUN RGB-D folder (SUNRGBD-train_images/, train13labels/, ...)
+                  split='train', # 'train', 'test' or a path to a split file
+                  masks:bool|str=True # True: required, 'optional': missing -> unlabeled, False: no masks
+                 ) -> list[tuple]:
+    "Items `(id, image, mask)` of a SUN RGB-D split (13 classes); masks are raw (use `SUNRGBD_LABEL_MAP`)."
+    root = _check_dir(root, 'SUN RGB-D root', SUNRGBD_LAYOUT)
+    return _foldered_items(root, split, ('train', 'test'), lambda s: f'SUNRGBD-{s}_images', 'img-*.jpg',
+                           lambda s, f: root/f'{s}13labels'/f"img13labels-{f.stem.split('-', 1)[1]}.png",
+                           masks, SUNRGBD_LAYOUT)
 
 # %% ../nbs/02_data.ipynb #b32bad6b
 def parse_labeled(labeled # fraction (float or '1/16') or count (int or '92')
