@@ -438,7 +438,7 @@ def folder_items(root, # folder with images/, masks/, classes.yaml
         items.append((i, imgs[i], _mask_or_fail(root/'masks'/f'{i}.png', masks, FOLDER_LAYOUT)))
     return items
 
-# %% ../nbs/02_data.ipynb #6198852f
+# %% ../nbs/02_data.ipynb #9492e30b
 def _foldered_items(root:Path, split, # a split folder's name or a split file
                     splits:tuple, # the dataset's split names (the folders a split file's ids are looked up in)
                     image_dir, # split -> its image folder under root
@@ -466,7 +466,7 @@ def _foldered_items(root:Path, split, # a split folder's name or a split file
         items.append((i, f, _mask_or_fail(mask_of(s, f), masks, layout)))
     return items
 
-# %% ../nbs/02_data.ipynb #5ddc270f
+# %% ../nbs/02_data.ipynb #e5117a94
 CAMVID_CLASSES = ('sky', 'building', 'pole', 'road', 'pavement', 'tree', 'sign_symbol', 'fence', 'car', 'pedestrian',
                   'bicyclist')
 CAMVID_LABEL_MAP = label_lut({k: k for k in range(11)})   # 11 (unlabelled) -> 255
@@ -474,7 +474,7 @@ CAMVID_LAYOUT = '''  <root>/<split>/<name>.png          (split: train, val, test
   <root>/<split>annot/<name>.png     (grayscale class indices 0-10, 11 = unlabelled)
   <root>/<split>.txt                 (optional: SegNet's lists, `<image path> <mask path>` per line)'''
 
-# %% ../nbs/02_data.ipynb #f0a455bc
+# %% ../nbs/02_data.ipynb #a06c0ded
 def camvid_items(root, # CamVid folder (train/, trainannot/, val/, ...)
                  split='train', # 'train', 'val', 'test' or a path to a split file
                  masks:bool|str=True # True: required, 'optional': missing -> unlabeled, False: no masks
@@ -484,14 +484,14 @@ def camvid_items(root, # CamVid folder (train/, trainannot/, val/, ...)
     return _foldered_items(root, split, ('train', 'val', 'test'), lambda s: s, '*.png',
                            lambda s, f: root/f'{s}annot'/f.name, masks, CAMVID_LAYOUT)
 
-# %% ../nbs/02_data.ipynb #b448725f
+# %% ../nbs/02_data.ipynb #a0fc70d2
 SUNRGBD_CLASSES = ('bed', 'books', 'ceiling', 'chair', 'floor', 'furniture', 'objects', 'picture', 'sofa', 'table',
                    'tv', 'wall', 'window')
 SUNRGBD_LABEL_MAP = label_lut({k + 1: k for k in range(13)})   # 0 (unlabelled) -> 255, k + 1 -> k
 SUNRGBD_LAYOUT = '''  <root>/SUNRGBD-<split>_images/img-<number>.jpg     (split: train, test)
   <root>/<split>13labels/img13labels-<number>.png   (0 = unlabelled, 1 bed ... 13 window)'''
 
-# %% ../nbs/02_data.ipynb #51c7786f
+# %% ../nbs/02_data.ipynb #4b7230d2
 def sunrgbd_items(root, # SUN RGB-D folder (SUNRGBD-train_images/, train13labels/, ...)
                   split='train', # 'train', 'test' or a path to a split file
                   masks:bool|str=True # True: required, 'optional': missing -> unlabeled, False: no masks
@@ -691,7 +691,7 @@ def make_synthetic(root=None, # cache folder (default $SEMISEG_DATA or ~/.cache/
 @dataclass
 class DatasetSpec:
     "A dataset resolved: where it is, its classes, how its masks decode, its colours."
-    name: str                          # synthetic | voc | cityscapes | folder
+    name: str                          # synthetic | voc | cityscapes | folder | camvid | sunrgbd
     root: Path
     class_names: list
     label_map: np.ndarray | None       # (256,) raw mask value -> class (Cityscapes labelIds -> train ids)
@@ -705,7 +705,8 @@ class DatasetSpec:
 
     def items(self, split) -> list[tuple]:
         "Items `(id, image, mask)` of `split` (a split name or a split file)."
-        read = {'cityscapes': cityscapes_items, 'folder': folder_items}.get(self.name, voc_items)
+        read = {'cityscapes': cityscapes_items, 'folder': folder_items, 'camvid': camvid_items,
+                'sunrgbd': sunrgbd_items}.get(self.name, voc_items)
         return read(self.root, split)
 
     def dataset(self, items, transform=None, pseudo_dir=None) -> SegDataset:
@@ -717,10 +718,10 @@ class DatasetSpec:
                           palette=self.palette)
 
 # %% ../nbs/02_data.ipynb #b635197e
-DATASETS = ('synthetic', 'voc', 'cityscapes', 'folder')
+DATASETS = ('synthetic', 'voc', 'cityscapes', 'folder', 'camvid', 'sunrgbd')
 
 # %% ../nbs/02_data.ipynb #ae86411b
-def dataset_spec(dataset:str, # synthetic | voc | cityscapes | folder
+def dataset_spec(dataset:str, # synthetic | voc | cityscapes | folder | camvid | sunrgbd
                  data_root=None # the dataset's folder (synthetic: a generated benchmark, or a cache to generate into)
                 ) -> DatasetSpec:
     "Resolve a dataset name and folder into a `DatasetSpec`."
@@ -738,6 +739,10 @@ def dataset_spec(dataset:str, # synthetic | voc | cityscapes | folder
     if dataset == 'cityscapes':
         return DatasetSpec(dataset, root, list(CITYSCAPES_CLASSES), CITYSCAPES_LABEL_TO_TRAIN, None,
                            cityscapes_palette(), False)
+    if dataset == 'camvid':
+        return DatasetSpec(dataset, root, list(CAMVID_CLASSES), CAMVID_LABEL_MAP, None, voc_palette(), True)
+    if dataset == 'sunrgbd':
+        return DatasetSpec(dataset, root, list(SUNRGBD_CLASSES), SUNRGBD_LABEL_MAP, None, voc_palette(), False)
     names, pal = read_classes(root)
     return DatasetSpec(dataset, root, names, None, pal, voc_palette() if pal is None else pal, False)
 
