@@ -1,4 +1,5 @@
-"""CCT with image-level labels through `semiseg-train`: tags read off the masks or from a tags file, the CRF option."""
+"""CCT with image-level labels (tags read off the masks or from a tags file, the CRF option) and CCT on two domains,
+through `semiseg-train`."""
 import importlib.util, json, subprocess, sys
 from pathlib import Path
 import pytest
@@ -65,3 +66,27 @@ def test_crf_without_the_package_names_it(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "pydensecrf" else real(name, *a))
     with pytest.raises(ValueError, match="crf=true needs the package pydensecrf2"):
         make_config(method="cct_weak", crf=True)
+
+
+def test_cct_multi_trains_on_two_domains(tiny_data, tmp_path):
+    "cct_multi through semiseg-train: the run's dataset and a CamVid-layout second domain of 11 classes, alternating."
+    import numpy as np
+    from PIL import Image
+    from semiseg.data import synthetic_sample
+    cv = tmp_path / "CamVid"
+    for split, n in (("train", 12), ("val", 4)):
+        (cv / split).mkdir(parents=True)
+        (cv / f"{split}annot").mkdir()
+        for i in range(n):
+            im, mk = synthetic_sample(i, "train", seed=3)
+            Image.fromarray(im).save(cv / split / f"{split}{i}.png")
+            Image.fromarray(np.where(mk == 0, 11, mk + 3).astype(np.uint8)).save(cv / f"{split}annot" / f"{split}{i}.png")
+    out = tmp_path / "multi"
+    p = subprocess.run([str(BIN / "semiseg-train"), f"data_root={tiny_data}", "method=cct_multi", "labeled=16",
+                        "batch_size=4", "batch_size_u=4", "iters=4", "log_every=1", "workers=0", "aux=f_noise:2",
+                        "domain2=camvid", f"domain2_root={cv}", "domain2_labeled=4", "domain2_context_classes=",
+                        f"out_dir={out}"], capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"domain"' in line]
+    assert [r["domain"] for r in recs] == [0.0, 1.0, 0.0, 1.0]
+    assert json.loads((out / "results.json").read_text())["n_unlabeled"] == 32 + 8

@@ -375,8 +375,9 @@ def aux_counts(opts) -> dict:
 
 # %% ../../nbs/25_cct.ipynb #7f635aaf
 def context_flags(context_classes: str, num_classes: int, option: str = 'context_classes'):
-    "(num_classes,) bool: the classes listed in `context_classes` ('0,1'), the context of the masking perturbations."
-    ctx = [int(s) for s in str(context_classes).replace(' ', '').split(',') if s != '']
+    "(num_classes,) bool: the classes listed in `context_classes` ('0,1'; '' or None: none), the masking's context."
+    text = '' if context_classes is None else str(context_classes)
+    ctx = [int(s) for s in text.replace(' ', '').split(',') if s != '']
     if any(not 0 <= k < num_classes for k in ctx):
         raise ValueError(f"{option}={context_classes!r}: classes are 0..{num_classes - 1}")
     return torch.tensor([k in ctx for k in range(num_classes)])
