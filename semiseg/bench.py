@@ -33,9 +33,11 @@ __all__ = ['PEAK_TFLOPS', 'make_step', 'method_step_s', 'step_flops', 'bare_step
 
 # %% ../nbs/13_bench.ipynb #445eabea
 def _batch(b, size, nc, device):
-    "A random batch of `b` images of `size` px with masks of `nc` classes."
-    return dict(image=torch.randn(b, 3, size, size, device=device),
-                mask=torch.randint(0, nc, (b, size, size), device=device))
+    "A random batch of `b` images of `size` px with masks of `nc` classes and their image-level tags."
+    image = torch.randn(b, 3, size, size, device=device)
+    mask = torch.randint(0, nc, (b, size, size), device=device)
+    tags = torch.zeros(b, nc, device=device).scatter_(1, mask.flatten(1), 1.0)   # the classes in each mask
+    return dict(image=image, mask=mask, tags=tags)
 
 # %% ../nbs/13_bench.ipynb #a93cd38a
 def _timed(fn, iters: int, warmup: int, device) -> float:

@@ -33,12 +33,14 @@ from .transforms import train_transform, eval_transform
 
 # %% auto #0
 __all__ = ['VOC_CLASSES', 'CITYSCAPES_CLASSES', 'CITYSCAPES_LABEL_TO_TRAIN', 'IMAGE_EXTS', 'VOC_LAYOUT', 'CITYSCAPES_LAYOUT',
-           'FOLDER_LAYOUT', 'COCO_CATEGORY_IDS', 'COCO_CLASSES', 'COCO_LAYOUT', 'SYNTHETIC_VERSION',
+           'FOLDER_LAYOUT', 'COCO_CATEGORY_IDS', 'COCO_CLASSES', 'COCO_LAYOUT', 'CAMVID_CLASSES', 'CAMVID_LABEL_MAP',
+           'CAMVID_LAYOUT', 'SUNRGBD_CLASSES', 'SUNRGBD_LABEL_MAP', 'SUNRGBD_LAYOUT', 'SYNTHETIC_VERSION',
            'SYNTHETIC_CLASSES', 'DATASETS', 'voc_palette', 'label_lut', 'cityscapes_palette', 'colorize', 'mask_png',
            'upright', 'open_image', 'SegDataset', 'read_split', 'write_split', 'voc_items', 'cityscapes_items',
            'load_yaml', 'read_yaml', 'read_classes', 'folder_items', 'coco_class_mask', 'coco_masks', 'coco_items',
-           'parse_labeled', 'n_labeled', 'partition', 'synthetic_scene', 'synthetic_sample', 'make_synthetic',
-           'DatasetSpec', 'dataset_spec', 'split_pool', 'Data', 'build_data', 'unlabeled_data', 'collate']
+           'camvid_items', 'sunrgbd_items', 'parse_labeled', 'n_labeled', 'partition', 'synthetic_scene',
+           'synthetic_sample', 'make_synthetic', 'DatasetSpec', 'dataset_spec', 'split_pool', 'Data', 'build_data',
+           'unlabeled_data', 'collate', 'mask_tags', 'read_tags', 'Tagged']
 
 # %% ../nbs/02_data.ipynb #15b854fa
 VOC_CLASSES = ('background', 'aeroplane', 'bicycle', 'bird', 'boat', 'bottle', 'bus', 'car', 'cat', 'chair', 'cow',
@@ -532,6 +534,70 @@ def coco_items(root, # the COCO folder (see `COCO_LAYOUT`)
         items.append((i, found[i], _mask_or_fail(root/'masks'/f'{i}.png', masks, COCO_LAYOUT)))
     return items
 
+# %% ../nbs/02_data.ipynb #9492e30b
+def _foldered_items(root:Path, split, # a split folder's name or a split file
+                    splits:tuple, # the dataset's split names (the folders a split file's ids are looked up in)
+                    image_dir, # split -> its image folder under root
+                    pattern:str, # glob of a split folder's images
+                    mask_of, # (split, image path) -> mask path
+                    masks, layout:str) -> list[tuple]:
+    "Items `(id, image, mask)` of a dataset whose splits are folders; an image's id is its file stem."
+    p = Path(split)
+    is_file = p.suffix == '.txt' or p.is_file() or len(p.parts) > 1
+    if not is_file:
+        _check_dir(root/image_dir(split), f"split '{split}' folder", layout)
+    found = {}
+    for s in (splits if is_file else [split]):
+        for f in sorted((root/image_dir(s)).glob(pattern)):
+            found[f.stem] = (s, f)
+    ids = _split_ids(root, split, '') if is_file else list(found)
+    if not ids:
+        raise FileNotFoundError(f'no images ({pattern}) in {root/image_dir(split)}; expected layout:\n{layout}')
+    items = []
+    for i in ids:
+        if i not in found:
+            raise FileNotFoundError(f"image '{i}' of {split} not found in the split folders {list(splits)} of {root}; "
+                                    f'expected layout:\n{layout}')
+        s, f = found[i]
+        items.append((i, f, _mask_or_fail(mask_of(s, f), masks, layout)))
+    return items
+
+# %% ../nbs/02_data.ipynb #e5117a94
+CAMVID_CLASSES = ('sky', 'building', 'pole', 'road', 'pavement', 'tree', 'sign_symbol', 'fence', 'car', 'pedestrian',
+                  'bicyclist')
+CAMVID_LABEL_MAP = label_lut({k: k for k in range(11)})   # 11 (unlabelled) -> 255
+CAMVID_LAYOUT = '''  <root>/<split>/<name>.png          (split: train, val, test)
+  <root>/<split>annot/<name>.png     (grayscale class indices 0-10, 11 = unlabelled)
+  <root>/<split>.txt                 (optional: SegNet's lists, `<image path> <mask path>` per line)'''
+
+# %% ../nbs/02_data.ipynb #a06c0ded
+def camvid_items(root, # CamVid folder (train/, trainannot/, val/, ...)
+                 split='train', # 'train', 'val', 'test' or a path to a split file
+                 masks:bool|str=True # True: required, 'optional': missing -> unlabeled, False: no masks
+                ) -> list[tuple]:
+    "Items `(id, image, mask)` of a CamVid split in SegNet's layout; masks are raw (use `CAMVID_LABEL_MAP`)."
+    root = _check_dir(root, 'CamVid root', CAMVID_LAYOUT)
+    return _foldered_items(root, split, ('train', 'val', 'test'), lambda s: s, '*.png',
+                           lambda s, f: root/f'{s}annot'/f.name, masks, CAMVID_LAYOUT)
+
+# %% ../nbs/02_data.ipynb #a0fc70d2
+SUNRGBD_CLASSES = ('bed', 'books', 'ceiling', 'chair', 'floor', 'furniture', 'objects', 'picture', 'sofa', 'table',
+                   'tv', 'wall', 'window')
+SUNRGBD_LABEL_MAP = label_lut({k + 1: k for k in range(13)})   # 0 (unlabelled) -> 255, k + 1 -> k
+SUNRGBD_LAYOUT = '''  <root>/SUNRGBD-<split>_images/img-<number>.jpg     (split: train, test)
+  <root>/<split>13labels/img13labels-<number>.png   (0 = unlabelled, 1 bed ... 13 window)'''
+
+# %% ../nbs/02_data.ipynb #4b7230d2
+def sunrgbd_items(root, # SUN RGB-D folder (SUNRGBD-train_images/, train13labels/, ...)
+                  split='train', # 'train', 'test' or a path to a split file
+                  masks:bool|str=True # True: required, 'optional': missing -> unlabeled, False: no masks
+                 ) -> list[tuple]:
+    "Items `(id, image, mask)` of a SUN RGB-D split (13 classes); masks are raw (use `SUNRGBD_LABEL_MAP`)."
+    root = _check_dir(root, 'SUN RGB-D root', SUNRGBD_LAYOUT)
+    return _foldered_items(root, split, ('train', 'test'), lambda s: f'SUNRGBD-{s}_images', 'img-*.jpg',
+                           lambda s, f: root/f'{s}13labels'/f"img13labels-{f.stem.split('-', 1)[1]}.png",
+                           masks, SUNRGBD_LAYOUT)
+
 # %% ../nbs/02_data.ipynb #b32bad6b
 def parse_labeled(labeled # fraction (float or '1/16') or count (int or '92')
                  ) -> int|Fraction:
@@ -721,7 +787,7 @@ def make_synthetic(root=None, # cache folder (default $SEMISEG_DATA or ~/.cache/
 @dataclass
 class DatasetSpec:
     "A dataset resolved: where it is, its classes, how its masks decode, its colours."
-    name: str                          # synthetic | voc | cityscapes | coco | folder
+    name: str                          # synthetic | voc | cityscapes | coco | folder | camvid | sunrgbd
     root: Path
     class_names: list
     label_map: np.ndarray | None       # (256,) raw mask value -> class (Cityscapes labelIds -> train ids)
@@ -735,7 +801,8 @@ class DatasetSpec:
 
     def items(self, split) -> list[tuple]:
         "Items `(id, image, mask)` of `split` (a split name or a split file)."
-        read = {'cityscapes': cityscapes_items, 'coco': coco_items, 'folder': folder_items}.get(self.name, voc_items)
+        read = {'cityscapes': cityscapes_items, 'coco': coco_items, 'folder': folder_items, 'camvid': camvid_items,
+                'sunrgbd': sunrgbd_items}.get(self.name, voc_items)
         return read(self.root, split)
 
     def dataset(self, items, transform=None, pseudo_dir=None) -> SegDataset:
@@ -747,10 +814,10 @@ class DatasetSpec:
                           palette=self.palette)
 
 # %% ../nbs/02_data.ipynb #b635197e
-DATASETS = ('synthetic', 'voc', 'cityscapes', 'coco', 'folder')
+DATASETS = ('synthetic', 'voc', 'cityscapes', 'coco', 'folder', 'camvid', 'sunrgbd')
 
 # %% ../nbs/02_data.ipynb #ae86411b
-def dataset_spec(dataset:str, # synthetic | voc | cityscapes | coco | folder
+def dataset_spec(dataset:str, # synthetic | voc | cityscapes | coco | folder | camvid | sunrgbd
                  data_root=None # the dataset's folder (synthetic: a generated benchmark, or a cache to generate into)
                 ) -> DatasetSpec:
     "Resolve a dataset name and folder into a `DatasetSpec`."
@@ -770,6 +837,10 @@ def dataset_spec(dataset:str, # synthetic | voc | cityscapes | coco | folder
                            cityscapes_palette(), False)
     if dataset == 'coco':
         return DatasetSpec(dataset, root, list(COCO_CLASSES), None, None, voc_palette(), False)
+    if dataset == 'camvid':
+        return DatasetSpec(dataset, root, list(CAMVID_CLASSES), CAMVID_LABEL_MAP, None, voc_palette(), True)
+    if dataset == 'sunrgbd':
+        return DatasetSpec(dataset, root, list(SUNRGBD_CLASSES), SUNRGBD_LABEL_MAP, None, voc_palette(), False)
     names, pal = read_classes(root)
     return DatasetSpec(dataset, root, names, None, pal, voc_palette() if pal is None else pal, False)
 
@@ -851,3 +922,60 @@ def collate(samples:list[dict]) -> dict:
             return torch.tensor(values)
         return list(values)
     return {k: batch([s[k] for s in samples]) for k in samples[0]}
+
+# %% ../nbs/02_data.ipynb #dd456b7b
+def mask_tags(ds:SegDataset) -> torch.Tensor:
+    "(N, C) float multi-hot tags of a dataset's images: the classes present in each full-size mask."
+    tags = torch.zeros(len(ds), ds.num_classes)
+    for n, (id_, _, mp) in enumerate(ds.items):
+        if mp is None:
+            raise ValueError(f"image '{id_}' has no mask to read its image-level tags from: give the tags in a "
+                             f"file instead (one line per image: id, then its class names)")
+        with Image.open(mp) as im:
+            size = im.size
+        m = ds.read_mask(mp, size)
+        present = np.unique(m[m != IGNORE_INDEX])
+        if present.size and present.max() >= ds.num_classes:
+            raise ValueError(f'{mp}: mask value {present.max()} is not a class (0..{ds.num_classes - 1})')
+        tags[n, torch.from_numpy(present.astype(np.int64))] = 1
+    return tags
+
+# %% ../nbs/02_data.ipynb #85bbdb27
+def read_tags(path, # tags file: one line per image, `id class class ...` (class names or indices; # comments)
+              class_names:list, # the dataset's classes
+              ids:list # the images that need tags, in order
+             ) -> torch.Tensor:
+    "(N, C) float multi-hot tags of the images `ids` from a tags file."
+    index = {n: k for k, n in enumerate(class_names)}
+    found = {}
+    for ln, line in enumerate(_read_text(path).splitlines(), 1):
+        fields = line.split('#')[0].split()
+        if not fields:
+            continue
+        row = torch.zeros(len(class_names))
+        for name in fields[1:]:
+            k = int(name) if name.isdigit() else index.get(name)
+            if k is None or not 0 <= k < len(class_names):
+                raise ValueError(f"{path}, line {ln}: '{name}' is not a class; classes: {', '.join(class_names)}")
+            row[k] = 1
+        found[fields[0]] = row
+    missing = [i for i in ids if i not in found]
+    if missing:
+        raise ValueError(f"{path}: no tags for {len(missing)} images, e.g. '{missing[0]}': add a line "
+                         f"'{missing[0]} <class> ...' for each")
+    return torch.stack([found[i] for i in ids]) if ids else torch.zeros(0, len(class_names))
+
+# %% ../nbs/02_data.ipynb #743b24fb
+class Tagged(torch.utils.data.Dataset):
+    "A dataset whose samples also carry their image-level tags: `tags`, a (C,) float multi-hot vector."
+    def __init__(self, ds, # a dataset of dict samples
+                 tags:torch.Tensor): # (len(ds), C) multi-hot tags
+        if len(tags) != len(ds):
+            raise ValueError(f'{len(tags)} tag vectors for {len(ds)} images')
+        self.ds, self.tags = ds, tags
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, i):
+        return {**self.ds[i], 'tags': self.tags[i]}

@@ -16,7 +16,6 @@ PAPER_METHODS = {  # name: display name and colour of a method in the papers' ta
     "advsemseg": dict(label="AdvSemSeg", color="#c7c7c7"),
     "vat": dict(label="VAT", color="#dbdb8d"),
     "pseudoseg": dict(label="PseudoSeg", color="#de9ed6"),
-    "cct_weak": dict(label="CCT + image labels", color="#98df8a"),
     "cps_reproduced": dict(label="CPS (CISC-R's re-run)", color="#aec7e8"),
     "st++": dict(label="ST++", color="#ffbb78"),
     "st": dict(label="ST", color="#ff9896"),
