@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.flop_counter import FlopCounterMode
-from .core import all_reduce_sum, get_device, init_distributed, seed_everything, write_json
+from .core import all_reduce_sum, get_device, init_distributed, leave_distributed, seed_everything, write_json
 from . import data as D
 from .models import build_model
 from .losses import ce_loss
@@ -258,6 +258,7 @@ def gpu_check(methods=None, device: str = "auto", tiny: bool = False, iters: int
         if out:
             write_json(out, dict(results=res, world_size=info.world_size, device=str(dev), peak_tflops=peak,
                                  gpu=torch.cuda.get_device_name(dev) if dev.type == "cuda" else None))
+    leave_distributed(dev)
     return res
 
 # %% ../nbs/13_bench.ipynb #63c59178

@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, Sampler, Subset
 from tqdm import tqdm
 from .core import (DistInfo, seed_everything, rank_seed, rng_state, set_rng_state, all_reduce_sum, barrier,
                           sync_buffers, all_gather_rows, get_device, init_distributed, is_main, nearest, atomic_save,
-                          load_checkpoint, load_weights, read_json, write_json)
+                          leave_distributed, load_checkpoint, load_weights, read_json, write_json)
 from .data import Data, build_data, collate, colorize
 from .metrics import evaluate
 from .method import Method, get_method, method_info
@@ -597,7 +597,9 @@ def main(argv: list[str] | None = None):
     if any(a in ("-h", "--help") for a in argv):
         print(usage())
         return
-    res = run(parse_args(argv))
+    options = parse_args(argv)
+    res = run(options)
+    leave_distributed(get_device(options.get("device", TrainConfig.device)))
     if res and int(os.environ.get("RANK", 0)) == 0:
         _print_results(res)
 
