@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.flop_counter import FlopCounterMode
-from .core import all_reduce_sum, get_device, init_distributed, seed_everything, write_json
+from .core import all_reduce_sum, get_device, init_distributed, leave_distributed, seed_everything, write_json
 from . import data as D
 from .models import build_model
 from .losses import ce_loss
@@ -33,9 +33,11 @@ __all__ = ['PEAK_TFLOPS', 'make_step', 'method_step_s', 'step_flops', 'bare_step
 
 # %% ../nbs/13_bench.ipynb #445eabea
 def _batch(b, size, nc, device):
-    "A random batch of `b` images of `size` px with masks of `nc` classes."
-    return dict(image=torch.randn(b, 3, size, size, device=device),
-                mask=torch.randint(0, nc, (b, size, size), device=device))
+    "A random batch of `b` images of `size` px with masks of `nc` classes and their image-level tags."
+    image = torch.randn(b, 3, size, size, device=device)
+    mask = torch.randint(0, nc, (b, size, size), device=device)
+    tags = torch.zeros(b, nc, device=device).scatter_(1, mask.flatten(1), 1.0)   # the classes in each mask
+    return dict(image=image, mask=mask, tags=tags)
 
 # %% ../nbs/13_bench.ipynb #a93cd38a
 def _timed(fn, iters: int, warmup: int, device) -> float:
@@ -257,6 +259,7 @@ def gpu_check(methods=None, device: str = "auto", tiny: bool = False, iters: int
         if out:
             write_json(out, dict(results=res, world_size=info.world_size, device=str(dev), peak_tflops=peak,
                                  gpu=torch.cuda.get_device_name(dev) if dev.type == "cuda" else None))
+    leave_distributed(dev)
     return res
 
 # %% ../nbs/13_bench.ipynb #63c59178

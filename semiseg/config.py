@@ -105,7 +105,7 @@ def _check_options(cfg):
 class TrainConfig:
     "Generic training options (each method adds its own `Options`)."
     method: str = "supervised"        # a registered method or pipeline (semiseg-train --help lists them)
-    dataset: str = "synthetic"        # synthetic | pretext | voc | cityscapes | folder
+    dataset: str = "synthetic"        # synthetic | pretext | voc | cityscapes | coco | folder | camvid | sunrgbd
     data_root: str | None = None      # dataset root; synthetic: a generated benchmark, or a cache dir to generate into
     train_split: str = "train"        # split name or split-file path of the training pool
     val_split: str = "val"            # split name or split-file path for evaluation
@@ -116,7 +116,7 @@ class TrainConfig:
     pseudo_labels: str | None = None  # folder of <id>.png pseudo labels: the unlabeled images join the labeled set
     check_data: bool = True           # scan every image and mask for problems before training (semiseg-check-data)
     skip_nonfinite: bool = False      # skip steps whose loss is nan/inf (counted as 'skipped') instead of stopping
-    backbone: str = "tiny"            # tiny | resnet18 | resnet50 | resnet101
+    backbone: str = "tiny"            # tiny | resnet18 | resnet34 | resnet50 | resnet101 | xception65 (timm)
     output_stride: int = 8            # 8 or 16
     pretrained: str | None = "auto"   # auto (tiny: the shipped pretext backbone; ResNets: imagenet) | none | path
     crop: int = 64                    # training crop size
@@ -145,6 +145,7 @@ class TrainConfig:
     eval_batch_size: int = 0          # 0: 16 for fixed-size images (synthetic), else 1
     ckpt_every: int = 500             # write ckpt/last.pt every N iterations
     log_every: int = 50
+    tensorboard: bool = True          # also log to out_dir/tb/ for TensorBoard (needs `pip install tensorboard`)
     seed: int = 0
     out_dir: str | None = None        # default: runs/<method>-<dataset>-<labeled>-s<seed>
     resume: bool = True               # continue from out_dir/ckpt/last.pt when it exists (with the same options)

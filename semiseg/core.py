@@ -23,9 +23,9 @@ import torch.distributed as dist
 
 # %% auto #0
 __all__ = ['IGNORE_INDEX', 'IMAGENET_MEAN', 'IMAGENET_STD', 'seed_everything', 'get_device', 'rank_seed', 'rng_state',
-           'set_rng_state', 'DistInfo', 'init_distributed', 'is_main', 'all_reduce_sum', 'barrier', 'sync_buffers',
-           'all_gather_rows', 'nearest', 'atomic_write', 'write_json', 'read_json', 'atomic_save', 'load_checkpoint',
-           'load_weights']
+           'set_rng_state', 'DistInfo', 'init_distributed', 'is_main', 'all_reduce_sum', 'barrier', 'leave_distributed',
+           'sync_buffers', 'all_gather_rows', 'nearest', 'atomic_write', 'write_json', 'read_json', 'atomic_save',
+           'load_checkpoint', 'load_weights']
 
 # %% ../nbs/00_core.ipynb #c8ededcd
 IGNORE_INDEX = 255
@@ -123,6 +123,13 @@ def _distributed() -> bool:
 def barrier(device: torch.device):
     "Wait for every rank, with a collective on `device` (the device the process group serves; no-op alone)."
     all_reduce_sum(torch.zeros(1, device=device))
+
+# %% ../nbs/00_core.ipynb #07b730f9
+def leave_distributed(device: torch.device):
+    "Wait for every rank, then destroy the process group (no-op when not distributed)."
+    if _distributed():
+        barrier(device)
+        dist.destroy_process_group()
 
 # %% ../nbs/00_core.ipynb #067fb42f
 @torch.no_grad()

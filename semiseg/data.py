@@ -6,6 +6,7 @@ Docs: https://semiseg.github.io/semiseg/data.html.md"""
 
 # %% ../nbs/02_data.ipynb #e29dee8d
 from __future__ import annotations
+import contextlib
 import functools
 import hashlib
 import io
@@ -26,17 +27,20 @@ import torch
 import yaml
 from PIL import Image, ImageOps
 from torchvision import tv_tensors
+from tqdm import tqdm
 from .core import IGNORE_INDEX, atomic_write, nearest
 from .transforms import train_transform, eval_transform
 
 # %% auto #0
 __all__ = ['VOC_CLASSES', 'CITYSCAPES_CLASSES', 'CITYSCAPES_LABEL_TO_TRAIN', 'IMAGE_EXTS', 'VOC_LAYOUT', 'CITYSCAPES_LAYOUT',
-           'FOLDER_LAYOUT', 'SHAPES', 'TEXTURES', 'BENCHMARK', 'PRETEXT', 'SCENE_SETS', 'DATASETS', 'voc_palette',
-           'label_lut', 'cityscapes_palette', 'colorize', 'mask_png', 'upright', 'open_image', 'SegDataset',
-           'read_split', 'write_split', 'voc_items', 'cityscapes_items', 'load_yaml', 'read_yaml', 'read_classes',
-           'folder_items', 'parse_labeled', 'n_labeled', 'partition', 'SceneSet', 'synthetic_scene', 'synthetic_sample',
-           'make_synthetic', 'DatasetSpec', 'dataset_spec', 'split_pool', 'Data', 'build_data', 'unlabeled_data',
-           'collate']
+           'FOLDER_LAYOUT', 'COCO_CATEGORY_IDS', 'COCO_CLASSES', 'COCO_LAYOUT', 'CAMVID_CLASSES', 'CAMVID_LABEL_MAP',
+           'CAMVID_LAYOUT', 'SUNRGBD_CLASSES', 'SUNRGBD_LABEL_MAP', 'SUNRGBD_LAYOUT', 'SHAPES', 'TEXTURES', 'BENCHMARK',
+           'PRETEXT', 'SCENE_SETS', 'DATASETS', 'voc_palette', 'label_lut', 'cityscapes_palette', 'colorize',
+           'mask_png', 'upright', 'open_image', 'SegDataset', 'read_split', 'write_split', 'voc_items',
+           'cityscapes_items', 'load_yaml', 'read_yaml', 'read_classes', 'folder_items', 'coco_class_mask',
+           'coco_masks', 'coco_items', 'camvid_items', 'sunrgbd_items', 'parse_labeled', 'n_labeled', 'partition',
+           'SceneSet', 'synthetic_scene', 'synthetic_sample', 'make_synthetic', 'DatasetSpec', 'dataset_spec',
+           'split_pool', 'Data', 'build_data', 'unlabeled_data', 'collate', 'mask_tags', 'read_tags', 'Tagged']
 
 # %% ../nbs/02_data.ipynb #15b854fa
 VOC_CLASSES = ('background', 'aeroplane', 'bicycle', 'bird', 'boat', 'bottle', 'bus', 'car', 'cat', 'chair', 'cow',
@@ -437,6 +441,163 @@ def folder_items(root, # folder with images/, masks/, classes.yaml
         items.append((i, imgs[i], _mask_or_fail(root/'masks'/f'{i}.png', masks, FOLDER_LAYOUT)))
     return items
 
+# %% ../nbs/02_data.ipynb #520d2c27
+COCO_CATEGORY_IDS = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 27, 28, 31,
+                     32, 33, 34, 35, 36, 37, 38, 39, 40, 41, 42, 43, 44, 46, 47, 48, 49, 50, 51, 52, 53, 54, 55, 56, 57,
+                     58, 59, 60, 61, 62, 63, 64, 65, 67, 70, 72, 73, 74, 75, 76, 77, 78, 79, 80, 81, 82, 84, 85, 86, 87,
+                     88, 89, 90)   # COCO's 80 object categories; class k (1..80) is the k-th
+
+# %% ../nbs/02_data.ipynb #2a63eabe
+COCO_CLASSES = ('background', 'person', 'bicycle', 'car', 'motorcycle', 'airplane', 'bus', 'train', 'truck', 'boat',
+                'traffic light', 'fire hydrant', 'stop sign', 'parking meter', 'bench', 'bird', 'cat', 'dog', 'horse',
+                'sheep', 'cow', 'elephant', 'bear', 'zebra', 'giraffe', 'backpack', 'umbrella', 'handbag', 'tie',
+                'suitcase', 'frisbee', 'skis', 'snowboard', 'sports ball', 'kite', 'baseball bat', 'baseball glove',
+                'skateboard', 'surfboard', 'tennis racket', 'bottle', 'wine glass', 'cup', 'fork', 'knife', 'spoon',
+                'bowl', 'banana', 'apple', 'sandwich', 'orange', 'broccoli', 'carrot', 'hot dog', 'pizza', 'donut',
+                'cake', 'chair', 'couch', 'potted plant', 'bed', 'dining table', 'toilet', 'tv', 'laptop', 'mouse',
+                'remote', 'keyboard', 'cell phone', 'microwave', 'oven', 'toaster', 'sink', 'refrigerator', 'book',
+                'clock', 'vase', 'scissors', 'teddy bear', 'hair drier', 'toothbrush')
+
+# %% ../nbs/02_data.ipynb #7f95ef77
+COCO_LAYOUT = '''  <root>/train2017/<id>.jpg, <root>/val2017/<id>.jpg           (the COCO 2017 images)
+  <root>/annotations/instances_train2017.json, instances_val2017.json   (from annotations_trainval2017.zip)
+  <root>/masks/<id>.png, <root>/masks/<split>.txt   (class masks and split lists, made once by semiseg)'''
+
+# %% ../nbs/02_data.ipynb #47570e57
+def coco_class_mask(coco, # a `pycocotools.coco.COCO` of the split's annotations
+                    img_id:int # the image's COCO id
+                   ) -> np.ndarray:
+    "The (H, W) uint8 class mask of a COCO image: background 0, crowd regions 255, instances over them, largest first."
+    info = coco.imgs[img_id]
+    mask = np.zeros((info['height'], info['width']), np.uint8)
+    anns = coco.loadAnns(coco.getAnnIds(imgIds=img_id, iscrowd=None))
+    for a in sorted(anns, key=lambda a: (not a['iscrowd'], -a['area'])):     # crowd regions, then large to small
+        mask[coco.annToMask(a) > 0] = IGNORE_INDEX if a['iscrowd'] else COCO_CATEGORY_IDS.index(a['category_id']) + 1
+    return mask
+
+# %% ../nbs/02_data.ipynb #7053e63b
+def coco_masks(root, # the COCO folder (see `COCO_LAYOUT`)
+               split:str='train2017' # 'train2017' or 'val2017'
+              ) -> list[str]:
+    "The ids of a COCO split, after making its class masks `<root>/masks/<id>.png` from its annotations (once)."
+    root = Path(root)
+    done = root/'masks'/f'{split}.txt'
+    if done.is_file():
+        return read_split(done)
+    ann = root/'annotations'/f'instances_{split}.json'
+    if not ann.is_file():
+        raise FileNotFoundError(f'{ann} not found: the class masks of COCO {split} are made from it (once); download '
+                                f'annotations_trainval2017.zip from cocodataset.org and unzip it in {root}; '
+                                f'expected layout:\n{COCO_LAYOUT}')
+    try:
+        from pycocotools.coco import COCO                  # optional: only needed to make the masks, once
+    except ImportError:
+        raise ImportError('making the COCO class masks needs pycocotools: pip install pycocotools') from None
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco = COCO(str(ann))
+    cats = sorted(coco.cats)
+    if tuple(cats) != COCO_CATEGORY_IDS:
+        raise ValueError(f'{ann}: expected the 80 COCO object categories (ids {COCO_CATEGORY_IDS[0]}..'
+                         f'{COCO_CATEGORY_IDS[-1]}), got {len(cats)} categories: use the instances_*2017.json of COCO')
+    have, ids = _files(root/'masks'), []
+    for info in tqdm(sorted(coco.imgs.values(), key=lambda d: d['file_name']), desc=f'COCO {split} masks',
+                     disable=len(coco.imgs) < 1000, mininterval=10):
+        i = Path(info['file_name']).stem
+        if f'{i}.png' not in have:
+            atomic_write(root/'masks'/f'{i}.png', mask_png(coco_class_mask(coco, info['id'])))
+        ids.append(i)
+    write_split(done, ids)
+    return ids
+
+# %% ../nbs/02_data.ipynb #6be98955
+def coco_items(root, # the COCO folder (see `COCO_LAYOUT`)
+               split='train', # 'train' / 'val' (or 'train2017' / 'val2017'), or a path to a split file
+               masks:bool|str=True # True: required, 'optional': missing -> unlabeled, False: no masks
+              ) -> list[tuple]:
+    "Items `(id, image, mask)` of a COCO 2017 split (81 classes; the masks are made once, see `coco_masks`)."
+    root = _check_dir(root, 'COCO root', COCO_LAYOUT)
+    p = Path(split)
+    is_file = p.suffix == '.txt' or p.is_file() or len(p.parts) > 1
+    splits = ['train2017', 'val2017'] if is_file else [split if split.endswith('2017') else f'{split}2017']
+    found = {}
+    for s in splits:
+        imgs = _files(_check_dir(root/s, 'image folder', COCO_LAYOUT))
+        for i in coco_masks(root, s):
+            if f'{i}.jpg' not in imgs:
+                raise FileNotFoundError(f'image {root/s/i}.jpg not found; expected layout:\n{COCO_LAYOUT}')
+            found[i] = root/s/f'{i}.jpg'
+    ids = _split_ids(root, split, '') if is_file else list(found)
+    items = []
+    for i in ids:
+        if i not in found:
+            raise FileNotFoundError(f'image {i} (from {split}) is in neither {root/"train2017"} nor {root/"val2017"}')
+        items.append((i, found[i], _mask_or_fail(root/'masks'/f'{i}.png', masks, COCO_LAYOUT)))
+    return items
+
+# %% ../nbs/02_data.ipynb #9492e30b
+def _foldered_items(root:Path, split, # a split folder's name or a split file
+                    splits:tuple, # the dataset's split names (the folders a split file's ids are looked up in)
+                    image_dir, # split -> its image folder under root
+                    pattern:str, # glob of a split folder's images
+                    mask_of, # (split, image path) -> mask path
+                    masks, layout:str) -> list[tuple]:
+    "Items `(id, image, mask)` of a dataset whose splits are folders; an image's id is its file stem."
+    p = Path(split)
+    is_file = p.suffix == '.txt' or p.is_file() or len(p.parts) > 1
+    if not is_file:
+        _check_dir(root/image_dir(split), f"split '{split}' folder", layout)
+    found = {}
+    for s in (splits if is_file else [split]):
+        for f in sorted((root/image_dir(s)).glob(pattern)):
+            found[f.stem] = (s, f)
+    ids = _split_ids(root, split, '') if is_file else list(found)
+    if not ids:
+        raise FileNotFoundError(f'no images ({pattern}) in {root/image_dir(split)}; expected layout:\n{layout}')
+    items = []
+    for i in ids:
+        if i not in found:
+            raise FileNotFoundError(f"image '{i}' of {split} not found in the split folders {list(splits)} of {root}; "
+                                    f'expected layout:\n{layout}')
+        s, f = found[i]
+        items.append((i, f, _mask_or_fail(mask_of(s, f), masks, layout)))
+    return items
+
+# %% ../nbs/02_data.ipynb #e5117a94
+CAMVID_CLASSES = ('sky', 'building', 'pole', 'road', 'pavement', 'tree', 'sign_symbol', 'fence', 'car', 'pedestrian',
+                  'bicyclist')
+CAMVID_LABEL_MAP = label_lut({k: k for k in range(11)})   # 11 (unlabelled) -> 255
+CAMVID_LAYOUT = '''  <root>/<split>/<name>.png          (split: train, val, test)
+  <root>/<split>annot/<name>.png     (grayscale class indices 0-10, 11 = unlabelled)
+  <root>/<split>.txt                 (optional: SegNet's lists, `<image path> <mask path>` per line)'''
+
+# %% ../nbs/02_data.ipynb #a06c0ded
+def camvid_items(root, # CamVid folder (train/, trainannot/, val/, ...)
+                 split='train', # 'train', 'val', 'test' or a path to a split file
+                 masks:bool|str=True # True: required, 'optional': missing -> unlabeled, False: no masks
+                ) -> list[tuple]:
+    "Items `(id, image, mask)` of a CamVid split in SegNet's layout; masks are raw (use `CAMVID_LABEL_MAP`)."
+    root = _check_dir(root, 'CamVid root', CAMVID_LAYOUT)
+    return _foldered_items(root, split, ('train', 'val', 'test'), lambda s: s, '*.png',
+                           lambda s, f: root/f'{s}annot'/f.name, masks, CAMVID_LAYOUT)
+
+# %% ../nbs/02_data.ipynb #a0fc70d2
+SUNRGBD_CLASSES = ('bed', 'books', 'ceiling', 'chair', 'floor', 'furniture', 'objects', 'picture', 'sofa', 'table',
+                   'tv', 'wall', 'window')
+SUNRGBD_LABEL_MAP = label_lut({k + 1: k for k in range(13)})   # 0 (unlabelled) -> 255, k + 1 -> k
+SUNRGBD_LAYOUT = '''  <root>/SUNRGBD-<split>_images/img-<number>.jpg     (split: train, test)
+  <root>/<split>13labels/img13labels-<number>.png   (0 = unlabelled, 1 bed ... 13 window)'''
+
+# %% ../nbs/02_data.ipynb #4b7230d2
+def sunrgbd_items(root, # SUN RGB-D folder (SUNRGBD-train_images/, train13labels/, ...)
+                  split='train', # 'train', 'test' or a path to a split file
+                  masks:bool|str=True # True: required, 'optional': missing -> unlabeled, False: no masks
+                 ) -> list[tuple]:
+    "Items `(id, image, mask)` of a SUN RGB-D split (13 classes); masks are raw (use `SUNRGBD_LABEL_MAP`)."
+    root = _check_dir(root, 'SUN RGB-D root', SUNRGBD_LAYOUT)
+    return _foldered_items(root, split, ('train', 'test'), lambda s: f'SUNRGBD-{s}_images', 'img-*.jpg',
+                           lambda s, f: root/f'{s}13labels'/f"img13labels-{f.stem.split('-', 1)[1]}.png",
+                           masks, SUNRGBD_LAYOUT)
+
 # %% ../nbs/02_data.ipynb #b32bad6b
 def parse_labeled(labeled # fraction (float or '1/16') or count (int or '92')
                  ) -> int|Fraction:
@@ -699,7 +860,7 @@ def make_synthetic(root=None, # cache folder (default $SEMISEG_DATA or ~/.cache/
 @dataclass
 class DatasetSpec:
     "A dataset resolved: where it is, its classes, how its masks decode, its colours."
-    name: str                          # synthetic | pretext | voc | cityscapes | folder
+    name: str                          # synthetic | pretext | voc | cityscapes | coco | folder | camvid | sunrgbd
     root: Path
     class_names: list
     label_map: np.ndarray | None       # (256,) raw mask value -> class (Cityscapes labelIds -> train ids)
@@ -713,7 +874,8 @@ class DatasetSpec:
 
     def items(self, split) -> list[tuple]:
         "Items `(id, image, mask)` of `split` (a split name or a split file)."
-        read = {'cityscapes': cityscapes_items, 'folder': folder_items}.get(self.name, voc_items)
+        read = {'cityscapes': cityscapes_items, 'coco': coco_items, 'folder': folder_items, 'camvid': camvid_items,
+                'sunrgbd': sunrgbd_items}.get(self.name, voc_items)
         return read(self.root, split)
 
     def dataset(self, items, transform=None, pseudo_dir=None) -> SegDataset:
@@ -725,10 +887,10 @@ class DatasetSpec:
                           palette=self.palette)
 
 # %% ../nbs/02_data.ipynb #b635197e
-DATASETS = (*SCENE_SETS, 'voc', 'cityscapes', 'folder')
+DATASETS = (*SCENE_SETS, 'voc', 'cityscapes', 'coco', 'folder', 'camvid', 'sunrgbd')
 
 # %% ../nbs/02_data.ipynb #ae86411b
-def dataset_spec(dataset:str, # synthetic | pretext | voc | cityscapes | folder
+def dataset_spec(dataset:str, # synthetic | pretext | voc | cityscapes | coco | folder | camvid | sunrgbd
                  data_root=None # the dataset's folder (synthetic: a generated benchmark, or a cache to generate into)
                 ) -> DatasetSpec:
     "Resolve a dataset name and folder into a `DatasetSpec`."
@@ -746,6 +908,12 @@ def dataset_spec(dataset:str, # synthetic | pretext | voc | cityscapes | folder
     if dataset == 'cityscapes':
         return DatasetSpec(dataset, root, list(CITYSCAPES_CLASSES), CITYSCAPES_LABEL_TO_TRAIN, None,
                            cityscapes_palette(), False)
+    if dataset == 'coco':
+        return DatasetSpec(dataset, root, list(COCO_CLASSES), None, None, voc_palette(), False)
+    if dataset == 'camvid':
+        return DatasetSpec(dataset, root, list(CAMVID_CLASSES), CAMVID_LABEL_MAP, None, voc_palette(), True)
+    if dataset == 'sunrgbd':
+        return DatasetSpec(dataset, root, list(SUNRGBD_CLASSES), SUNRGBD_LABEL_MAP, None, voc_palette(), False)
     names, pal = read_classes(root)
     return DatasetSpec(dataset, root, names, None, pal, voc_palette() if pal is None else pal, False)
 
@@ -827,3 +995,60 @@ def collate(samples:list[dict]) -> dict:
             return torch.tensor(values)
         return list(values)
     return {k: batch([s[k] for s in samples]) for k in samples[0]}
+
+# %% ../nbs/02_data.ipynb #dd456b7b
+def mask_tags(ds:SegDataset) -> torch.Tensor:
+    "(N, C) float multi-hot tags of a dataset's images: the classes present in each full-size mask."
+    tags = torch.zeros(len(ds), ds.num_classes)
+    for n, (id_, _, mp) in enumerate(ds.items):
+        if mp is None:
+            raise ValueError(f"image '{id_}' has no mask to read its image-level tags from: give the tags in a "
+                             f"file instead (one line per image: id, then its class names)")
+        with Image.open(mp) as im:
+            size = im.size
+        m = ds.read_mask(mp, size)
+        present = np.unique(m[m != IGNORE_INDEX])
+        if present.size and present.max() >= ds.num_classes:
+            raise ValueError(f'{mp}: mask value {present.max()} is not a class (0..{ds.num_classes - 1})')
+        tags[n, torch.from_numpy(present.astype(np.int64))] = 1
+    return tags
+
+# %% ../nbs/02_data.ipynb #85bbdb27
+def read_tags(path, # tags file: one line per image, `id class class ...` (class names or indices; # comments)
+              class_names:list, # the dataset's classes
+              ids:list # the images that need tags, in order
+             ) -> torch.Tensor:
+    "(N, C) float multi-hot tags of the images `ids` from a tags file."
+    index = {n: k for k, n in enumerate(class_names)}
+    found = {}
+    for ln, line in enumerate(_read_text(path).splitlines(), 1):
+        fields = line.split('#')[0].split()
+        if not fields:
+            continue
+        row = torch.zeros(len(class_names))
+        for name in fields[1:]:
+            k = int(name) if name.isdigit() else index.get(name)
+            if k is None or not 0 <= k < len(class_names):
+                raise ValueError(f"{path}, line {ln}: '{name}' is not a class; classes: {', '.join(class_names)}")
+            row[k] = 1
+        found[fields[0]] = row
+    missing = [i for i in ids if i not in found]
+    if missing:
+        raise ValueError(f"{path}: no tags for {len(missing)} images, e.g. '{missing[0]}': add a line "
+                         f"'{missing[0]} <class> ...' for each")
+    return torch.stack([found[i] for i in ids]) if ids else torch.zeros(0, len(class_names))
+
+# %% ../nbs/02_data.ipynb #743b24fb
+class Tagged(torch.utils.data.Dataset):
+    "A dataset whose samples also carry their image-level tags: `tags`, a (C,) float multi-hot vector."
+    def __init__(self, ds, # a dataset of dict samples
+                 tags:torch.Tensor): # (len(ds), C) multi-hot tags
+        if len(tags) != len(ds):
+            raise ValueError(f'{len(tags)} tag vectors for {len(ds)} images')
+        self.ds, self.tags = ds, tags
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, i):
+        return {**self.ds[i], 'tags': self.tags[i]}

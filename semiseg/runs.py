@@ -26,12 +26,12 @@ from .config import TrainConfig, config_dict, make_config
 
 # %% auto #0
 __all__ = ['RUNTIME_KEYS', 'ID_KEYS', 'config_diff', 'check_config', 'check_resume', 'read_metrics', 'trim_metrics', 'run_config',
-           'model_dir', 'load_run', 'evaluate_run', 'predict_run', 'save_predictions', 'collect_run', 'varying_keys',
-           'table_columns', 'write_csv', 'collect', 'find_runs', 'load_results', 'summarize']
+           'model_dir', 'load_run', 'evaluate_run', 'predict_samples', 'predict_run', 'save_predictions', 'collect_run',
+           'varying_keys', 'table_columns', 'write_csv', 'collect', 'find_runs', 'load_results', 'summarize']
 
 # %% ../nbs/10_runs.ipynb #4d89d5ae
 RUNTIME_KEYS = ("device", "workers", "eval_batch_size", "check_data", "resume", "log_every", "ckpt_every", "eval_every",
-                "out_dir", "data_root")
+                "out_dir", "data_root", "tensorboard")
 
 # %% ../nbs/10_runs.ipynb #caadd1da
 def _norm(v) -> str:
@@ -154,6 +154,21 @@ def evaluate_run(run_dir, net: str | None = None, device="cpu") -> dict:
     model = m.eval_model() if net is None else getattr(m, net)
     return evaluate(model, loader, data.num_classes, device=device, **m.cfg.eval_options())
 
+# %% ../nbs/10_runs.ipynb #e963137a
+def predict_samples(model, ds, indices, **eval_options) -> dict:
+    "`model`'s predictions (in eval mode) of the samples `indices` of `ds`: dict(ids, images (uint8 H,W,3), gts, preds)."
+    dev = next(model.parameters()).device
+    out = dict(ids=[], images=[], gts=[], preds=[])
+    for i in indices:
+        s = ds[i]
+        x = s["image"].as_subclass(torch.Tensor)
+        probs = predict(model, x[None].to(dev), **eval_options)
+        out["ids"].append(s["id"])
+        out["images"].append((denormalize(x).clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
+        out["gts"].append(np.asarray(s["mask"].as_subclass(torch.Tensor)).astype(np.uint8))
+        out["preds"].append(probs.argmax(1)[0].cpu().numpy().astype(np.uint8))
+    return out
+
 # %% ../nbs/10_runs.ipynb #745f3384
 def predict_run(run_dir, indices=None, n: int = 6, model=None, dataset=None, device="cpu") -> dict:
     "Predictions of a run on validation images: dict(ids, images (uint8 H,W,3), gts, preds, class_names, palette)."
@@ -161,19 +176,9 @@ def predict_run(run_dir, indices=None, n: int = 6, model=None, dataset=None, dev
     data = build_data(cfg)
     ds = dataset if dataset is not None else data.val
     model = model if model is not None else load_run(run_dir, device=device).eval_model()
-    dev = next(model.parameters()).device
     indices = list(range(min(n, len(ds)))) if indices is None else list(indices)
-    out = dict(ids=[], images=[], gts=[], preds=[], class_names=list(ds.class_names),
-               palette=data.spec.display_palette)
-    for i in indices:
-        s = ds[i]
-        x = s["image"].as_subclass(torch.Tensor)
-        probs = predict(model, x[None].to(dev), **cfg.eval_options())
-        out["ids"].append(s["id"])
-        out["images"].append((denormalize(x).clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
-        out["gts"].append(np.asarray(s["mask"].as_subclass(torch.Tensor)).astype(np.uint8))
-        out["preds"].append(probs.argmax(1)[0].cpu().numpy().astype(np.uint8))
-    return out
+    return dict(**predict_samples(model, ds, indices, **cfg.eval_options()), class_names=list(ds.class_names),
+                palette=data.spec.display_palette)
 
 # %% ../nbs/10_runs.ipynb #024856b1
 def save_predictions(run_dir, ids, preds, palette=None) -> Path:

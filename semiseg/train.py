@@ -8,6 +8,7 @@ Docs: https://semiseg.github.io/semiseg/train.html.md"""
 from __future__ import annotations
 import contextlib
 import dataclasses
+import importlib.util
 import json
 import os
 import platform
@@ -17,8 +18,10 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.distributed as dist
@@ -28,18 +31,19 @@ from torch.utils.data import DataLoader, Sampler, Subset
 from tqdm import tqdm
 from .core import (DistInfo, seed_everything, rank_seed, rng_state, set_rng_state, all_reduce_sum, barrier,
                           sync_buffers, all_gather_rows, get_device, init_distributed, is_main, nearest, atomic_save,
-                          load_checkpoint, load_weights, read_json, write_json)
-from .data import Data, build_data, collate
+                          leave_distributed, load_checkpoint, load_weights, read_json, write_json)
+from .data import Data, build_data, collate, colorize
 from .metrics import evaluate
 from .method import Method, get_method, method_info
 from .config import TrainConfig, make_config, config_dict, full_config, parse_args, usage
-from .runs import check_config, check_resume, trim_metrics
+from .runs import check_config, check_resume, trim_metrics, predict_samples
 from .check import check_dataset
 
 # %% auto #0
 __all__ = ['InfiniteSampler', 'Seeded', 'stream', 'base_lr', 'make_optimizer', 'set_poly_lr', 'env_info', 'stop_requests', 'Run',
-           'setup', 'save', 'resume', 'distribute', 'open_run_dir', 'make_streams', 'autocast', 'train_step', 'Meter',
-           'log_step', 'val_loader', 'evaluate_now', 'eval_step', 'train', 'run_stage', 'run', 'main']
+           'setup', 'save', 'resume', 'distribute', 'board_scalars', 'Board', 'open_board', 'open_run_dir',
+           'make_streams', 'autocast', 'train_step', 'Meter', 'log_step', 'val_loader', 'evaluate_now', 'log_eval',
+           'eval_step', 'train', 'run_stage', 'run', 'main']
 
 # %% ../nbs/12_train.ipynb #14a7d5e7
 class InfiniteSampler(Sampler):
@@ -153,6 +157,7 @@ class Run:
     start: int = 0                     # the first iteration to train (after the one a checkpoint holds)
     best: float = -1.0                 # the best evaluated mIoU so far
     log: object = field(default=None, repr=False)   # metrics.jsonl, open for appending (rank 0)
+    board: object = field(default=None, repr=False)  # the TensorBoard log (a `Board`), open from `open_run_dir` on
 
     @property
     def ckpt_dir(self) -> Path:
@@ -245,10 +250,63 @@ def distribute(run: Run):
     run.model = DDP(run.method, device_ids=[run.device.index] if run.device.type == "cuda" else None,
                     find_unused_parameters=run.method.find_unused_parameters)
 
+# %% ../nbs/12_train.ipynb #9a92be5f
+def board_scalars(rec: dict, class_names=()) -> dict:
+    "The TensorBoard scalars `{tag: value}` of a metrics.jsonl record (an evaluation's per-class IoU by class name)."
+    prefix = "val" if "miou" in rec else "train"
+    tags = {f"{prefix}/{k}": v for k, v in rec.items() if k != "it" and isinstance(v, (int, float))}
+    tags.update({f"val_iou/{n}": v for n, v in zip(class_names, rec.get("per_class_iou", ()))})
+    return {k: float(v) for k, v in tags.items() if v is not None}
+
+# %% ../nbs/12_train.ipynb #b787e444
+class Board:
+    "A run's TensorBoard log: the metrics.jsonl records and pictures of predictions; without `log_dir`, nothing."
+    def __init__(self, log_dir=None, start: int = 0, class_names=(), palette=None, n_pictures: int = 4,
+                 max_height: int = 256):
+        self.class_names, self.palette, self.writer = list(class_names), palette, None
+        self.n_pictures, self.max_height = n_pictures, max_height
+        if log_dir is not None:
+            from torch.utils.tensorboard import SummaryWriter     # optional: tensorboard is a dev extra
+            self.writer = SummaryWriter(str(log_dir), purge_step=start + 1 if start else None)
+
+    def scalars(self, rec: dict):
+        "Write a metrics.jsonl record at its iteration."
+        if self.writer is None:
+            return
+        for tag, value in board_scalars(rec, self.class_names).items():
+            self.writer.add_scalar(tag, value, rec["it"])
+
+    def pictures(self, it: int, model: nn.Module, ds, **eval_options):
+        "Image | ground truth | prediction of the first validation images, predicted by `model` (in eval mode)."
+        if self.writer is None:
+            return
+        shown = predict_samples(model, ds, range(min(self.n_pictures, len(ds))), **eval_options)
+        for id_, image, gt, pred in zip(shown["ids"], shown["images"], shown["gts"], shown["preds"]):
+            step = -(-image.shape[0] // self.max_height)           # every step-th pixel: at most max_height high
+            strip = np.concatenate([image, colorize(gt, self.palette), colorize(pred, self.palette)], axis=1)
+            self.writer.add_image(f"val_images/{id_}", strip[::step, ::step], it, dataformats="HWC")
+        self.writer.flush()
+
+    def close(self):
+        if self.writer is not None:
+            self.writer.close()
+
+# %% ../nbs/12_train.ipynb #378bc89f
+def open_board(run: Run) -> Board:
+    "The run's TensorBoard log `<out>/tb/` (rank 0, `tensorboard=true` and the package installed); else a no-op."
+    if not (run.info.main and run.cfg.tensorboard):
+        return Board()
+    if importlib.util.find_spec("tensorboard") is None:
+        warnings.warn("tensorboard=true but the tensorboard package is not installed: this run writes no "
+                      "TensorBoard log (pip install tensorboard, or pass tensorboard=false)", stacklevel=2)
+        return Board()
+    return Board(run.out / "tb", run.start, run.data.class_names, run.data.spec.display_palette)
+
 # %% ../nbs/12_train.ipynb #4d070832
 def open_run_dir(run: Run):
-    "Create the run directory (rank 0): config.json, env.json, metrics.jsonl cut back to the resumed iteration."
+    "Create the run directory (rank 0): config.json, env.json, metrics.jsonl cut back to the resumed iteration, tb/."
     if not run.info.main:
+        run.board = Board()
         return
     run.out.mkdir(parents=True, exist_ok=True)
     metrics = run.out / "metrics.jsonl"
@@ -257,6 +315,7 @@ def open_run_dir(run: Run):
     write_json(run.out / "config.json", config_dict(run.cfg, run.opts))
     write_json(run.out / "env.json", env_info(run.device, run.info.world_size))
     run.log = open(metrics, "a")
+    run.board = open_board(run)
 
 # %% ../nbs/12_train.ipynb #63bcd74a
 def make_streams(run: Run):
@@ -352,12 +411,13 @@ def _log_line(rec: dict) -> str:
 
 # %% ../nbs/12_train.ipynb #d26e2db7
 def log_step(run: Run, bar, meter: Meter, it: int):
-    "Write the record of iteration `it` to metrics.jsonl and show it (rank 0)."
+    "Write the record of iteration `it` to metrics.jsonl and TensorBoard, and show it (rank 0)."
     rec = meter.record(it, run.opt.param_groups[0]["lr"])
     if not run.info.main:
         return
     run.log.write(json.dumps(rec) + "\n")
     run.log.flush()
+    run.board.scalars(rec)
     if bar.disable:
         print(_log_line(rec), flush=True)
     else:
@@ -381,14 +441,24 @@ def evaluate_now(run: Run, loader: DataLoader) -> dict:
         return evaluate(run.method.eval_model(), loader, run.data.num_classes, device=run.device,
                         **run.cfg.eval_options())
 
+# %% ../nbs/12_train.ipynb #0e43327b
+def log_eval(run: Run, it: int, r: dict):
+    "Write the evaluation `r` of iteration `it` to metrics.jsonl and TensorBoard, with pictures (rank 0)."
+    if not run.info.main:
+        return
+    run.log.write(json.dumps(dict(it=it, **r)) + "\n")
+    run.log.flush()
+    run.board.scalars(dict(it=it, **r))
+    with autocast(run):
+        run.board.pictures(it, run.method.eval_model().eval(), run.data.val, **run.cfg.eval_options())
+
 # %% ../nbs/12_train.ipynb #770f9edd
 def eval_step(run: Run, loader: DataLoader, it: int):
     "Evaluate during training: log the result, keep `ckpt/best.pt`."
     r = evaluate_now(run, loader)
+    log_eval(run, it, r)
     run.method.train()
     if run.info.main:
-        run.log.write(json.dumps(dict(it=it, **r)) + "\n")
-        run.log.flush()
         print(f"[eval] it={it} mIoU={r['miou']:.2f}", flush=True)
     if r["miou"] > run.best:
         run.best = r["miou"]
@@ -417,8 +487,8 @@ def _finish(run: Run, loader: DataLoader, t0: float) -> dict:
                    eval_protocol=r["eval_protocol"], miou=r["miou"], per_class_iou=r["per_class_iou"],
                    pixel_acc=r["pixel_acc"], best_miou=max(run.best, r["miou"]) if cfg.eval_every else None,
                    class_names=data.class_names, wall_s=time.time() - t0, out_dir=str(run.out))
+    log_eval(run, cfg.iters, r)
     if run.info.main:
-        run.log.write(json.dumps(dict(it=cfg.iters, **r)) + "\n")
         run.log.close()
         write_json(run.out / "results.json", results)
     barrier(run.device)
@@ -436,27 +506,30 @@ def train(cfg: TrainConfig | None = None, opts=None, **kw) -> dict:
     resume(run)
     distribute(run)
     open_run_dir(run)
-    lab, unl = make_streams(run)
-    loader, meter = val_loader(run), Meter(run.device)
-    bar = tqdm(total=cfg.iters, initial=run.start, disable=not (run.info.main and sys.stderr.isatty()),
-               dynamic_ncols=True)
-    run.method.train()
-    with stop_requests() as stop:
-        for it in range(run.start, cfg.iters):
-            done = it + 1
-            terms, loss, status = train_step(run, next(lab), [next(u) for u in unl], it, stop)
-            meter.add(terms, loss, skipped=bool(status[0]))
-            bar.update(1)
-            if done % cfg.log_every == 0 or done == cfg.iters:
-                log_step(run, bar, meter, done)
-            if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.iters:
-                eval_step(run, loader, done)
-            if done % cfg.ckpt_every == 0 or done == cfg.iters:
-                save(run, done)
-            if status[1] and done < cfg.iters:
-                _stop(run, bar, done, stop)
-    bar.close()
-    return _finish(run, loader, t0)
+    try:
+        lab, unl = make_streams(run)
+        loader, meter = val_loader(run), Meter(run.device)
+        bar = tqdm(total=cfg.iters, initial=run.start, disable=not (run.info.main and sys.stderr.isatty()),
+                   dynamic_ncols=True)
+        run.method.train()
+        with stop_requests() as stop:
+            for it in range(run.start, cfg.iters):
+                done = it + 1
+                terms, loss, status = train_step(run, next(lab), [next(u) for u in unl], it, stop)
+                meter.add(terms, loss, skipped=bool(status[0]))
+                bar.update(1)
+                if done % cfg.log_every == 0 or done == cfg.iters:
+                    log_step(run, bar, meter, done)
+                if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.iters:
+                    eval_step(run, loader, done)
+                if done % cfg.ckpt_every == 0 or done == cfg.iters:
+                    save(run, done)
+                if status[1] and done < cfg.iters:
+                    _stop(run, bar, done, stop)
+        bar.close()
+        return _finish(run, loader, t0)
+    finally:
+        run.board.close()                                   # flushed at the end, on error and on a stop signal
 
 # %% ../nbs/12_train.ipynb #b86e24c5
 def run_stage(**options) -> dict:
@@ -524,7 +597,9 @@ def main(argv: list[str] | None = None):
     if any(a in ("-h", "--help") for a in argv):
         print(usage())
         return
-    res = run(parse_args(argv))
+    options = parse_args(argv)
+    res = run(options)
+    leave_distributed(get_device(options.get("device", TrainConfig.device)))
     if res and int(os.environ.get("RANK", 0)) == 0:
         _print_results(res)
 

@@ -7,12 +7,17 @@ Docs: https://semiseg.github.io/semiseg/cct.html.md"""
 # %% ../../nbs/25_cct.ipynb #f60f826b
 from __future__ import annotations
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from fastcore.basics import patch
-from ..core import IGNORE_INDEX
+import importlib.util
+from functools import partial
+import numpy as np
+from ..core import IGNORE_INDEX, nearest
+from ..transforms import denormalize
+from ..data import DATASETS, Tagged, build_data, dataset_spec, mask_tags, parse_labeled, read_tags
 from ..method import Method, register
 from ..losses import ce_loss, sigmoid_rampup
 
@@ -20,7 +25,9 @@ from ..losses import ce_loss, sigmoid_rampup
 __all__ = ['DECODERS', 'PERTURBATIONS', 'VAT_MODES', 'neighbour_distance', 'class_boundary', 'boundary_contrast', 'feature_noise',
            'feature_drop', 'spatial_dropout', 'object_masking', 'context_masking', 'connected_components',
            'component_boxes', 'guided_cutout', 'vat_noise', 'vat_noise_official', 'DecoderBank', 'interp_matrix',
-           'upsample', 'consistency_loss', 'unsup_weight', 'ab_ce_threshold', 'ab_ce', 'aux_counts', 'CCT']
+           'upsample', 'consistency_loss', 'unsup_weight', 'ab_ce_threshold', 'ab_ce', 'aux_counts', 'context_flags',
+           'CCT', 'normalise_cams', 'confident_keys', 'cam_pseudo_labels', 'dense_crf', 'crf_refine', 'weak_loss',
+           'CCTWeak', 'DomainNet', 'CCTMulti']
 
 # %% ../../nbs/25_cct.ipynb #0a6e5340
 def neighbour_distance(x, patch: int = 1):
@@ -366,6 +373,15 @@ def aux_counts(opts) -> dict:
         raise ValueError(f"CCT needs at least one auxiliary decoder, got {counts}")
     return counts
 
+# %% ../../nbs/25_cct.ipynb #7f635aaf
+def context_flags(context_classes: str, num_classes: int, option: str = 'context_classes'):
+    "(num_classes,) bool: the classes listed in `context_classes` ('0,1'; '' or None: none), the masking's context."
+    text = '' if context_classes is None else str(context_classes)
+    ctx = [int(s) for s in text.replace(' ', '').split(',') if s != '']
+    if any(not 0 <= k < num_classes for k in ctx):
+        raise ValueError(f"{option}={context_classes!r}: classes are 0..{num_classes - 1}")
+    return torch.tensor([k in ctx for k in range(num_classes)])
+
 # %% ../../nbs/25_cct.ipynb #6a9fcd1d
 @register("cct", label="CCT", color="#2ca02c", weight="unsup_weight", demo=True, order=8)
 class CCT(Method):
@@ -427,28 +443,33 @@ class CCT(Method):
             self.net.classifier = DecoderBank(1, c, num_classes, 'subpixel', upscale=4)
         self.counts = aux_counts(opts)
         self.aux = DecoderBank(sum(self.counts.values()), c, num_classes, opts.decoder, upscale=4)
-        ctx = [int(s) for s in str(opts.context_classes).replace(' ', '').split(',') if s != '']
-        if any(not 0 <= k < num_classes for k in ctx):
-            raise ValueError(f"context_classes={opts.context_classes!r}: classes are 0..{num_classes - 1}")
-        self.register_buffer('is_context', torch.tensor([k in ctx for k in range(num_classes)]), persistent=False)
+        self.register_buffer('is_context', context_flags(opts.context_classes, num_classes), persistent=False)
 
     def eval_model(self):
         return self.net
 
+# %% ../../nbs/25_cct.ipynb #9a074cdb
+@patch
+def domain_heads(self: CCT, domain: int = 0):
+    "(main decoder, auxiliary decoder bank, context-class flags) of `domain`."
+    if domain != 0:
+        raise ValueError(f"{type(self).__name__} has one domain (0), got domain={domain}")
+    return self.net.classifier, self.aux, self.is_context
+
 # %% ../../nbs/25_cct.ipynb #41d0c725
 @patch
-def objects(self: CCT, main_logits, size):
+def objects(self: CCT, main_logits, size, domain: int = 0):
     "Boolean object mask (B, h, w) at the resolution `size` of z from the main decoder's logits."
-    fg = ~self.is_context[main_logits.argmax(1)]
+    fg = ~self.domain_heads(domain)[2][main_logits.argmax(1)]
     if tuple(fg.shape[-2:]) != tuple(size):
         fg = F.interpolate(fg[:, None].float(), size=tuple(size), mode='nearest')[:, 0] > 0.5
     return fg
 
 # %% ../../nbs/25_cct.ipynb #8fe5fbd1
 @patch
-def aux_logits(self: CCT, z, fg, size):
+def aux_logits(self: CCT, z, fg, size, domain: int = 0):
     "Logits (B, K, classes, h', w') of each auxiliary decoder on its perturbed copy of z (`size`: input size, I-VAT)."
-    o, bank, parts, k0 = self.opts, self.aux, [], 0
+    o, bank, parts, k0 = self.opts, self.domain_heads(domain)[1], [], 0
     wz = bank.first(z)                                         # W_k z for all K decoders: one matrix product
     for name, n in self.counts.items():
         if n == 0:
@@ -483,20 +504,234 @@ def supervised_loss(self: CCT, logits, mask, it):
     if not self.opts.ab_ce:
         return self.sup_loss(logits, mask)
     o = self.opts
-    eta = ab_ce_threshold(it, self.cfg.iters, self.num_classes, o.ab_ce_end, o.ab_ce_rampup)
+    eta = ab_ce_threshold(it, self.cfg.iters, logits.shape[1], o.ab_ce_end, o.ab_ce_rampup)
     return ab_ce(logits, mask, eta, o.ab_ce_min_kept)
 
 # %% ../../nbs/25_cct.ipynb #7d279046
 @patch
-def forward(self: CCT, labeled, unlabeled, it):
-    net = self.net
-    loss_sup = self.supervised_loss(net(labeled['image']), labeled['mask'], it)   # L_s on the main decoder
-    img_u = unlabeled[0]['image']
+def cct_terms(self: CCT, labeled, batch_u, it, domain: int = 0):
+    "The terms of a step of `domain`, with z = h(x_u) of the unlabeled batch and the auxiliary decoders' logits on it."
+    net, main = self.net, self.domain_heads(domain)[0]
+    img_l, img_u = labeled['image'], batch_u['image']
+    logits_l = F.interpolate(main(net.decode(*net.encode(img_l))), size=img_l.shape[-2:], mode='bilinear',
+                             align_corners=True)
+    loss_sup = self.supervised_loss(logits_l, labeled['mask'], it)               # L_s on the main decoder
     feat_u = net.decode(*net.encode(img_u))                                        # z = h(x_u)
     with torch.no_grad():
-        pred_u = net.classifier(feat_u)                                            # g(z): target and guide only
+        pred_u = main(feat_u)                                                      # g(z): target and guide only
         prob_u = F.interpolate(pred_u, size=img_u.shape[-2:], mode='bilinear', align_corners=True).softmax(1)
-        fg_u = self.objects(pred_u, feat_u.shape[-2:])
-    cons = consistency_loss(self.aux_logits(feat_u, fg_u, img_u.shape[-2:]), prob_u)   # L_u, at input size
+        fg_u = self.objects(pred_u, feat_u.shape[-2:], domain)
+    aux_u = self.aux_logits(feat_u, fg_u, img_u.shape[-2:], domain)
+    cons = consistency_loss(aux_u, prob_u)                                         # L_u, at input size
     w = unsup_weight(it, self.cfg.iters, self.opts.unsup_weight, self.opts.rampup)
-    return dict(loss_sup=loss_sup, loss_unsup=w * cons, consistency=cons.detach(), w_u=torch.tensor(w))
+    terms = dict(loss_sup=loss_sup, loss_unsup=w * cons, consistency=cons.detach(), w_u=torch.tensor(w))
+    return terms, feat_u, aux_u
+
+# %% ../../nbs/25_cct.ipynb #dd9fa71a
+@patch
+def forward(self: CCT, labeled, unlabeled, it):
+    return self.cct_terms(labeled, unlabeled[0], it)[0]
+
+# %% ../../nbs/25_cct.ipynb #16f0fcde
+def normalise_cams(cams, tags):
+    "Attention (B, n, H, W): the CAMs ≥ 0 of the tagged classes (`tags`: (B, n) bool) ÷ their maximum + 1e-5, others 0."
+    cams = cams * tags[..., None, None].to(cams.dtype)
+    return cams / (cams.amax(dim=(-2, -1), keepdim=True) + 1e-5)
+
+# %% ../../nbs/25_cct.ipynb #d2b4b881
+def confident_keys(att, thresh: float):
+    "Keys (B, H, W): 0 where no attention of `att` (B, n, H, W) exceeds `thresh`, else 1 + the arg-max channel."
+    top, arg = att.max(1)
+    return torch.where(top > thresh, arg + 1, torch.zeros_like(arg))
+
+# %% ../../nbs/25_cct.ipynb #ffb74772
+def cam_pseudo_labels(att, obj_classes, background: int = 0, bg_thresh: float = 0.05, fg_thresh: float = 0.30,
+                      refine=None):
+    "Pseudo labels (B, H, W): attention ≤ bg_thresh → background, > fg_thresh → its arg-max class, else ignored."
+    fg_keys, bg_keys = confident_keys(att, fg_thresh), confident_keys(att, bg_thresh)
+    if refine is not None:                               # a dense CRF on each key map
+        fg_keys, bg_keys = refine(fg_keys), refine(bg_keys)
+    key_class = torch.cat([obj_classes.new_tensor([background]), obj_classes])   # key 0: background, k: channel k-1
+    pseudo = torch.where(fg_keys > 0, key_class[fg_keys], torch.full_like(fg_keys, IGNORE_INDEX))
+    return torch.where((fg_keys == 0) & (bg_keys == 0), torch.full_like(pseudo, background), pseudo)
+
+# %% ../../nbs/25_cct.ipynb #271d78a2
+def dense_crf(image, labels, n_labels: int, t: int = 10, gt_prob: float = 0.7):
+    "A label map (H, W) in 0..n_labels-1 refined on its image (H, W, 3) uint8 by a dense CRF (official settings)."
+    try:
+        import pydensecrf.densecrf as dcrf                   # optional: the crf option needs it
+        from pydensecrf.utils import unary_from_labels
+    except ImportError:
+        raise ImportError("crf=true needs the package pydensecrf2: pip install pydensecrf2") from None
+    h, w = labels.shape
+    d = dcrf.DenseCRF2D(w, h, n_labels)
+    d.setUnaryEnergy(unary_from_labels(labels, n_labels, gt_prob=gt_prob, zero_unsure=False))
+    d.addPairwiseGaussian(sxy=3, compat=3)
+    d.addPairwiseBilateral(sxy=50, srgb=5, rgbim=np.ascontiguousarray(image), compat=10)
+    return np.argmax(np.array(d.inference(t)).reshape(n_labels, h, w), axis=0)
+
+# %% ../../nbs/25_cct.ipynb #830d4ad8
+def crf_refine(images, keys, tags):
+    "Key maps (B, H, W) refined by `dense_crf` on the normalised `images`, over each image's tagged keys only."
+    rgb = (denormalize(images.detach().float()).clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+    out = torch.empty_like(keys)
+    for b in range(len(keys)):
+        own = torch.cat([keys.new_zeros(1), tags[b].nonzero().flatten() + 1])      # background + tagged classes
+        compact = torch.searchsorted(own, keys[b])                                 # keys → 0..len(own)-1
+        refined = dense_crf(rgb[b], compact.cpu().numpy(), len(own))
+        out[b] = own[torch.from_numpy(refined).to(keys.device)]
+    return out
+
+# %% ../../nbs/25_cct.ipynb #34fcb22b
+def weak_loss(aux_logits, target, ignore_index: int = IGNORE_INDEX):
+    "L_w: mean over the K decoders of CE(upsample(aux_k), target); aux_logits (B, K, C, h, w), target (B, H, W)."
+    if not (target != ignore_index).any():
+        return aux_logits.sum() * 0.0
+    up = upsample(aux_logits, target.shape[-2:])
+    return F.cross_entropy(up.transpose(1, 2), target[:, None].expand(-1, up.shape[1], -1, -1),
+                           ignore_index=ignore_index)
+
+# %% ../../nbs/25_cct.ipynb #590b23a3
+@register("cct_weak", label="CCT + image labels", color="#98df8a", weight="unsup_weight", order=12)
+class CCTWeak(CCT):
+    "CCT with image-level labels: a classification branch whose CAMs give pseudo labels to the auxiliary decoders."
+
+    @dataclass
+    class Options(CCT.Options):
+        weak_weight: float = 0.4          # λ_w: final ω_w of L_w (official weakly_loss_w), ramped up with ω_u
+        cls_weight: float = 1.0           # weight of the classification branch's BCE loss
+        bg_thresh: float = 0.05           # θ_bg: attention at most this for every class → background
+        fg_thresh: float = 0.30           # θ_fg: attention above this → the arg-max class
+        background: int = 0               # the class of pixels no tagged class attends to
+        tags: str = 'masks'               # image-level tags of the unlabeled images: masks | a tags file
+        crf: bool = False                 # refine the pseudo labels with a dense CRF (package pydensecrf2)
+
+        def __post_init__(self):
+            super().__post_init__()
+            checks = (("weak_weight", self.weak_weight >= 0, ">= 0"), ("cls_weight", self.cls_weight >= 0, ">= 0"),
+                      ("bg_thresh", 0 <= self.bg_thresh <= self.fg_thresh, "in [0, fg_thresh]"),
+                      ("fg_thresh", self.fg_thresh <= 1, "<= 1"), ("background", self.background >= 0, ">= 0"))
+            for name, ok, need in checks:
+                if not ok:
+                    raise ValueError(f"{name} must be {need}, got {getattr(self, name)!r}")
+            if self.crf and importlib.util.find_spec('pydensecrf') is None:
+                raise ValueError("crf=true needs the package pydensecrf2: pip install pydensecrf2 "
+                                 "(or pip install 'semiseg[crf]'), or leave crf=false")
+
+    def __init__(self, cfg, opts, num_classes):
+        super().__init__(cfg, opts, num_classes)
+        if opts.background >= num_classes:
+            raise ValueError(f"background={opts.background}: classes are 0..{num_classes - 1}")
+        objects = [k for k in range(num_classes) if k != opts.background]
+        self.register_buffer('obj_classes', torch.tensor(objects), persistent=False)
+        self.cls_head = nn.Linear(self.net.feature_channels, len(objects), bias=False)   # g_c after GAP
+        self.refine = crf_refine if opts.crf else None
+
+    def unlabeled_streams(self, data):
+        "The unlabeled images with their image-level tags (`tags`: read off their masks, or a tags file)."
+        ds = data.unlabeled
+        if ds is None:
+            return [None]
+        tags = mask_tags(ds) if self.opts.tags == 'masks' else read_tags(self.opts.tags, ds.class_names, ds.ids)
+        return [Tagged(ds, tags)]
+
+    def unlabeled_count(self, data):
+        return 0 if data.unlabeled is None else len(data.unlabeled)
+
+    def forward(self, labeled, unlabeled, it):
+        o, batch_u = self.opts, unlabeled[0]
+        terms, feat_u, aux_u = self.cct_terms(labeled, batch_u, it)                  # L_s, L_u as in CCT
+        tags_u = batch_u['tags'][:, self.obj_classes] > 0                            # y_w of the object classes
+        loss_cls = F.binary_cross_entropy_with_logits(self.cls_head(feat_u.mean((2, 3))).float(), tags_u.float())
+        img_u = batch_u['image']
+        with torch.no_grad(), torch.autocast(img_u.device.type, enabled=False):
+            att_u = normalise_cams(self.cams(feat_u.float(), img_u.shape[-2:]), tags_u)
+            refine = partial(self.refine, img_u, tags=tags_u) if self.refine else None
+            pseudo_u = cam_pseudo_labels(att_u, self.obj_classes, o.background, o.bg_thresh, o.fg_thresh, refine)
+        weak = weak_loss(aux_u, pseudo_u)                                             # L_w on the auxiliary decoders
+        w_w = unsup_weight(it, self.cfg.iters, o.weak_weight, o.rampup)              # λ_w · ω_u(t) / λ_u
+        return dict(terms, loss_cls=o.cls_weight * loss_cls, loss_weak=w_w * weak, cls=loss_cls.detach(),
+                    weak=weak.detach(), w_w=torch.tensor(w_w),
+                    pseudo_labeled=(pseudo_u != IGNORE_INDEX).float().mean())
+
+# %% ../../nbs/25_cct.ipynb #d7b270bf
+@patch
+def cams(self: CCTWeak, z, size):
+    "CAMs (B, C-1, H, W) of the object classes: ReLU(W_c z), bilinearly upsampled to `size`."
+    cam = F.relu(torch.einsum('kc,bchw->bkhw', self.cls_head.weight.to(z.dtype), z))
+    return F.interpolate(cam, size=tuple(size), mode='bilinear', align_corners=False)
+
+# %% ../../nbs/25_cct.ipynb #35ca70a3
+class DomainNet(nn.Module):
+    "The segmentation network of one domain: the shared encoder and that domain's main decoder."
+    def __init__(self, net, main):
+        super().__init__()
+        self.net, self.main = net, main
+
+    def forward(self, x):
+        z = self.net.decode(*self.net.encode(x))
+        return F.interpolate(self.main(z), size=x.shape[-2:], mode='bilinear', align_corners=True)
+
+# %% ../../nbs/25_cct.ipynb #aece649d
+@register("cct_multi", label="CCT, two domains", color="#637939", weight="unsup_weight", order=13)
+class CCTMulti(CCT):
+    "CCT on two domains: a shared encoder, each domain its own main and auxiliary decoders, domains alternating."
+    needs_unlabeled = 3                   # domain 1's unlabeled batch, domain 2's labeled and unlabeled batches
+    find_unused_parameters = True         # each step trains one domain's decoders
+
+    @dataclass
+    class Options(CCT.Options):
+        domain2: str = ''                 # the second domain's dataset (synthetic | voc | cityscapes | camvid | ...);
+                                          # '' = the run's own dataset again
+        domain2_root: str | None = None   # its folder
+        domain2_labeled: str = '1/16'     # its labeled images: a fraction or a count
+        domain2_train_split: str = 'train'
+        domain2_val_split: str = 'val'
+        domain2_context_classes: str = '0'   # its context classes for the masking perturbations
+
+        def __post_init__(self):
+            super().__post_init__()
+            if self.domain2 and self.domain2 not in DATASETS:
+                raise ValueError(f"unknown domain2 '{self.domain2}': {nearest(self.domain2, DATASETS)}")
+            if self.domain2 not in ('', 'synthetic') and not self.domain2_root:
+                raise ValueError(f"domain2={self.domain2} needs domain2_root=<its folder>")
+            parse_labeled(self.domain2_labeled)
+
+    def __init__(self, cfg, opts, num_classes):
+        super().__init__(cfg, opts, num_classes)
+        n2 = dataset_spec(opts.domain2, opts.domain2_root).num_classes if opts.domain2 else num_classes
+        c = self.net.feature_channels
+        self.main2 = DecoderBank(1, c, n2, opts.decoder, upscale=4)                  # g(2)
+        self.aux2 = DecoderBank(self.aux.k, c, n2, opts.decoder, upscale=4)          # g_a^k(2)
+        ctx2 = context_flags(opts.domain2_context_classes, n2, 'domain2_context_classes')
+        self.register_buffer('is_context2', ctx2, persistent=False)
+        self._data2 = None
+
+    def domain_heads(self, domain: int = 0):
+        return (self.main2, self.aux2, self.is_context2) if domain == 1 else CCT.domain_heads(self, domain)
+
+    def domain_net(self, domain: int) -> nn.Module:
+        "The segmentation network of `domain` (0: the run's dataset, 1: domain2)."
+        return DomainNet(self.net, self.domain_heads(domain)[0])
+
+    def domain2_data(self):
+        "Domain 2's datasets (labeled, unlabeled, validation), built once from the run's config and the domain2 options."
+        if self._data2 is None:
+            o, cfg = self.opts, self.cfg
+            self._data2 = build_data(replace(
+                cfg, dataset=o.domain2 or cfg.dataset, data_root=o.domain2_root if o.domain2 else cfg.data_root,
+                labeled=o.domain2_labeled, train_split=o.domain2_train_split, val_split=o.domain2_val_split,
+                labeled_split=None, unlabeled_split=None, pseudo_labels=None))
+        return self._data2
+
+    def unlabeled_streams(self, data):
+        d2 = self.domain2_data()
+        return [data.unlabeled, d2.labeled, d2.unlabeled]
+
+    def unlabeled_count(self, data):
+        return sum(len(ds) for ds in (data.unlabeled, self.domain2_data().unlabeled) if ds is not None)
+
+    def forward(self, labeled, unlabeled, it):
+        domain = it % 2                                                              # the domains alternate
+        lab, unl = (labeled, unlabeled[0]) if domain == 0 else (unlabeled[1], unlabeled[2])
+        return dict(self.cct_terms(lab, unl, it, domain)[0], domain=torch.tensor(float(domain)))
