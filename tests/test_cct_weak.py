@@ -3,7 +3,7 @@ through `semiseg-train`."""
 import importlib.util, json, subprocess, sys
 from pathlib import Path
 import pytest
-from semiseg.data import dataset_spec, mask_tags, SYNTHETIC_CLASSES
+from semiseg.data import BENCHMARK, dataset_spec, mask_tags
 
 BIN = Path(sys.executable).parent
 COMMON = ["method=cct_weak", "labeled=16", "batch_size=4", "batch_size_u=4", "iters=4", "log_every=2", "workers=0",
@@ -26,7 +26,7 @@ def tags_file(tiny_data, tmp_path_factory):
     ds = spec.dataset(spec.items("train"))
     tags = mask_tags(ds)
     f = tmp_path_factory.mktemp("tags") / "tags.txt"
-    f.write_text("".join(f"{i} {' '.join(SYNTHETIC_CLASSES[k] for k in t.nonzero().flatten())}\n"
+    f.write_text("".join(f"{i} {' '.join(BENCHMARK.classes[k] for k in t.nonzero().flatten())}\n"
                          for i, t in zip(ds.ids, tags)))
     return f
 
