@@ -65,8 +65,8 @@ def test_coco_masks_have_the_protocols_classes(coco_root):
 
 
 def test_short_run_on_coco_with_xception65(coco_root, tmp_path):
-    res = train(dataset="coco", data_root=str(coco_root), backbone="xception65", output_stride=16, labeled=2,
-                batch_size=2, crop=32, iters=2, workers=0, out_dir=str(tmp_path / "run"))
+    res = train(dataset="coco", data_root=str(coco_root), backbone="xception65", pretrained="none", output_stride=16,
+                labeled=2, batch_size=2, crop=32, iters=2, workers=0, out_dir=str(tmp_path / "run"))
     assert (res["dataset"], res["n_labeled"], len(res["per_class_iou"])) == ("coco", 2, 81)
     assert res["per_class_iou"][1] is not None and res["per_class_iou"][17] is None   # person in val; dog is not
 
