@@ -29,7 +29,7 @@ from .train import make_optimizer, stream, train
 
 # %% auto #0
 __all__ = ['PEAK_TFLOPS', 'make_step', 'method_step_s', 'step_flops', 'bare_step_s', 'trainer_step_s', 'loader_batches_per_s',
-           'run_benchmark', 'peak_tflops', 'gpu_check', 'main']
+           'timed_methods', 'run_benchmark', 'peak_tflops', 'gpu_check', 'main']
 
 # %% ../nbs/13_bench.ipynb #445eabea
 def _batch(b, size, nc, device):
@@ -175,11 +175,16 @@ def _print_table(res: dict):
               f"{res['loader']['vs_consumption']:.1f}× what a supervised step consumes")
         print(f"semiseg-check-data on the embedded benchmark (2,500 images): {res['check_data']['seconds']:.1f} s")
 
+# %% ../nbs/13_bench.ipynb #3800f9af
+def timed_methods() -> list[str]:
+    "The registered methods whose step runs on random tensors: no pipeline, no stage fed by queried pairs or a teacher."
+    return [name for name, info in registered().items() if not info.pipeline and info.cls.random_batches]
+
 # %% ../nbs/13_bench.ipynb #611f8fe9
 def run_benchmark(methods=None, batch: int = 8, batch_u: int = 8, size: int = 64, device: str = "auto",
                   out: str = "runs/bench/bench.json", pipeline: bool = True, backbone: str = "tiny") -> dict:
     "Measure every method (default: all registered, pipelines aside), the trainer overhead and the loader; print, save."
-    methods = list(methods or [name for name, info in registered().items() if not info.pipeline])
+    methods = list(methods or timed_methods())
     res = {}
     for m in ["bare", *dict.fromkeys(["supervised", *methods])]:   # supervised: the reference of every ratio
         p = subprocess.run([sys.executable, "-m", "semiseg.bench", "--one", m, "--batch", str(batch),
@@ -235,15 +240,15 @@ def gpu_check(methods=None, device: str = "auto", tiny: bool = False, iters: int
     info = init_distributed(dev)
     shape = (dict(batch=2, batch_u=2, size=32, backbone="tiny", output_stride=8) if tiny else
              dict(batch=8, batch_u=8, size=321, backbone="resnet50", output_stride=16))
-    methods = list(methods or [n for n, i in registered().items() if not i.pipeline and n != "ciscr_rectify"])
+    methods = list(methods or timed_methods())
     res, peak = {}, peak_tflops(dev)
     for method in methods:
         for dtype in dtypes:
             step, m, images = make_step(method, device=str(dev), amp=dtype, ddp=info.distributed, **shape)
             flops = step_flops(step)
-            terms = [step() for _ in range(2)][-1]
-            bad = [k for k, v in terms.items() if k.startswith("loss") and not torch.isfinite(v).all()]
-            bad += _trained_parts(m)
+            steps = [(step(), set(_trained_parts(m))) for _ in range(2)]   # two steps: cct_multi alternates domains
+            bad = [k for k, v in steps[-1][0].items() if k.startswith("loss") and not torch.isfinite(v).all()]
+            bad += sorted(steps[0][1] & steps[1][1])                    # a part trained by neither step
             s = _timed(step, iters, 1, dev)
             failed = all_reduce_sum(torch.tensor([float(bool(bad))], device=dev)).item()
             if failed:

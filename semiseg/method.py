@@ -23,6 +23,7 @@ class Method(nn.Module):
     "Base class: owns the networks, turns batches into named losses. Subclasses set `Options` and `needs_unlabeled`."
     needs_unlabeled: int = 0          # unlabeled batches per step (CutMix: 2); may be set per instance from options
     find_unused_parameters = False    # for DDP, when some parameters skip the loss in some steps
+    random_batches = True             # its step runs on random tensors (bench); False: its batches need data
 
     @dataclass
     class Options:

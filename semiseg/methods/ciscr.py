@@ -139,6 +139,7 @@ def _check_area_and_classes(opts):
 class CISCStage1(Method):
     "CISC-R stage 1 (SupOnly + L_CISC) as the official code: labeled pairs sharing a class, CE on both, L_CISC."
     needs_unlabeled = 1               # one stream: labeled images, each with a queried labeled partner
+    random_batches = False            # the pairs share a class: they are queried from the data
 
     @dataclass
     class Options:
@@ -314,6 +315,7 @@ class QueryPairs(torch.utils.data.Dataset):
 class CISCRectify(Method):
     "CISC-R stages 2/3: L_s on labeled images + rectified CE on pseudo-labeled ones, CISC maps from a frozen teacher."
     needs_unlabeled = 1               # one stream: query pairs of pseudo-labeled unlabeled images
+    random_batches = False            # pairs queried from pseudo labels, and a teacher checkpoint
     @dataclass
     class Options:
         teacher: str | None = None        # checkpoint (.pt) of the frozen model that draws the CISC maps
