@@ -27,9 +27,11 @@ check-clean: install
 # torch's OpenMP threads spin-wait by default, which slows parallel test processes on 2 cores many times over
 test: export OMP_WAIT_POLICY := PASSIVE
 test: check-clean
+	$(BIN)/ruff check semiseg
 	$(BIN)/python -m pytest -q tests
 
-# style of the package (line length 120, pycodestyle errors and warnings, pyflakes): [tool.ruff] in pyproject.toml
+# style of the package (line length 120, pycodestyle errors and warnings, pyflakes): [tool.ruff] in pyproject.toml;
+# `make test` runs it first
 lint: install
 	$(BIN)/ruff check semiseg
 

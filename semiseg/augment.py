@@ -1,4 +1,4 @@
-"""The two augmentation blocks that UCC introduced and CPS reuses: a strong photometric view that keeps the geometry, and Dynamic Cross-Set Copy-Paste (DCSCP) with its class-confidence bank.
+"""UCC's augmentation blocks, reused by CPS: a strong photometric view and Dynamic Cross-Set Copy-Paste (DCSCP).
 
 Docs: https://semiseg.github.io/semiseg/augment.html.md"""
 

@@ -1,4 +1,4 @@
-"""Where predictions become labels: hard arg-max labels without gradient (optionally thresholded), their agreement and accuracy, writing them as PNG files, judging them against hidden ground truth, and the test-time augmentation CISC-R labels with.
+"""Predictions become labels: hard arg-max labels, their agreement and accuracy, PNG files, CISC-R's test-time augmentation.
 
 Docs: https://semiseg.github.io/semiseg/pseudo.html.md"""
 
