@@ -32,7 +32,8 @@ def backbone_state(ckpt) -> dict:
     "The backbone tensors of a training checkpoint of the `tiny` model, floating ones in fp16."
     model = load_checkpoint(ckpt)["model"]
     prefix = "net.backbone."
-    return {k[len(prefix):]: (v.half() if v.is_floating_point() else v) for k, v in model.items() if k.startswith(prefix)}
+    backbone = {k[len(prefix):]: v for k, v in model.items() if k.startswith(prefix)}
+    return {k: v.half() if v.is_floating_point() else v for k, v in backbone.items()}
 
 # %% ../nbs/14_pretrain.ipynb #3378534d
 def code_commit() -> str | None:
