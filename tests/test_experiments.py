@@ -71,7 +71,8 @@ def test_sweep_2x2_with_a_failing_run(bench, tmp_path):
     rows = S.sweep(grid, dict(TINY, data_root=str(bench), iters=6, eval_every=0), out_root=tmp_path / "sweep", jobs=2,
                    runner="notebook", verbose=False)
     status = {(r["method"], r["labeled"]): r["status"] for r in rows}
-    assert status == {("supervised", 8): "ok", ("supervised", 40): "ok", ("cps", 8): "ok", ("cps", 40): "failed"}
+    assert status == {("supervised", 8): "ok", ("supervised", 40): "ok", ("cps", 8): "ok", ("cps", 40): "failed"}, \
+        [(r["run"], (r.get("error") or "")[-1500:]) for r in rows if r["status"] == "failed"]
     bad = next(r for r in rows if r["status"] == "failed")
     assert bad["exit_status"] == 1 and bad["miou"] is None
     assert "ValueError" in bad["error"] and "leaves none" in bad["error"] and "Traceback" in bad["error"]
