@@ -35,8 +35,8 @@ from .transforms import train_transform, eval_transform
 __all__ = ['VOC_CLASSES', 'CITYSCAPES_CLASSES', 'CITYSCAPES_LABEL_TO_TRAIN', 'IMAGE_EXTS', 'VOC_LAYOUT', 'CITYSCAPES_LAYOUT',
            'FOLDER_LAYOUT', 'COCO_CATEGORY_IDS', 'COCO_CLASSES', 'COCO_LAYOUT', 'CAMVID_CLASSES', 'CAMVID_LABEL_MAP',
            'CAMVID_LAYOUT', 'SUNRGBD_CLASSES', 'SUNRGBD_LABEL_MAP', 'SUNRGBD_LAYOUT', 'SHAPES', 'TEXTURES', 'BENCHMARK',
-           'PRETEXT', 'SCENE_SETS', 'DATASETS', 'voc_palette', 'label_lut', 'cityscapes_palette', 'colorize',
-           'mask_png', 'upright', 'open_image', 'SegDataset', 'read_split', 'write_split', 'voc_items',
+           'PRETEXT', 'SECOND_DOMAIN', 'SCENE_SETS', 'DATASETS', 'voc_palette', 'label_lut', 'cityscapes_palette',
+           'colorize', 'mask_png', 'upright', 'open_image', 'SegDataset', 'read_split', 'write_split', 'voc_items',
            'cityscapes_items', 'load_yaml', 'read_yaml', 'read_classes', 'folder_items', 'coco_class_mask',
            'coco_masks', 'coco_items', 'camvid_items', 'sunrgbd_items', 'parse_labeled', 'n_labeled', 'partition',
            'SceneSet', 'synthetic_scene', 'synthetic_sample', 'make_synthetic', 'DatasetSpec', 'dataset_spec',
@@ -735,7 +735,8 @@ class SceneSet:
 # %% ../nbs/02_data.ipynb #fb2628b1
 BENCHMARK = SceneSet('synthetic', ('disk', 'square', 'triangle'), ('striped', 'checkered'), 0, 2000, 500)
 PRETEXT = SceneSet('pretext', ('ellipse', 'cross', 'hexagon', 'ring'), ('dotted', 'wavy', 'ringed'), 1000, 8000, 1000)
-SCENE_SETS = {s.name: s for s in (BENCHMARK, PRETEXT)}
+SECOND_DOMAIN = SceneSet('synthetic_b', ('disk', 'square', 'triangle'), ('striped', 'dotted'), 2000, 2000, 500)
+SCENE_SETS = {s.name: s for s in (BENCHMARK, PRETEXT, SECOND_DOMAIN)}
 
 # %% ../nbs/02_data.ipynb #b0c73ec7
 @functools.lru_cache(None)
@@ -820,7 +821,7 @@ def make_synthetic(root=None, # cache folder (default $SEMISEG_DATA or ~/.cache/
                    size:int=64, # image side in pixels (object sizes scale with it)
                    seed:int=0, # generator seed
                    verbose:bool=False, # print what was done and how long it took
-                   scenes:SceneSet=BENCHMARK # the task: BENCHMARK or PRETEXT
+                   scenes:SceneSet=BENCHMARK # the task: one of SCENE_SETS
                   ) -> Path:
     "The root of a generated task (the benchmark by default) in VOC layout, generated once and cached."
     n_train, n_val = n_train or scenes.n_train, n_val or scenes.n_val
@@ -860,7 +861,7 @@ def make_synthetic(root=None, # cache folder (default $SEMISEG_DATA or ~/.cache/
 @dataclass
 class DatasetSpec:
     "A dataset resolved: where it is, its classes, how its masks decode, its colours."
-    name: str                          # synthetic | pretext | voc | cityscapes | coco | folder | camvid | sunrgbd
+    name: str                          # a name in DATASETS
     root: Path
     class_names: list
     label_map: np.ndarray | None       # (256,) raw mask value -> class (Cityscapes labelIds -> train ids)
@@ -890,7 +891,7 @@ class DatasetSpec:
 DATASETS = (*SCENE_SETS, 'voc', 'cityscapes', 'coco', 'folder', 'camvid', 'sunrgbd')
 
 # %% ../nbs/02_data.ipynb #ae86411b
-def dataset_spec(dataset:str, # synthetic | pretext | voc | cityscapes | coco | folder | camvid | sunrgbd
+def dataset_spec(dataset:str, # a name in DATASETS: synthetic, synthetic_b, pretext, voc, cityscapes, coco, ...
                  data_root=None # the dataset's folder (synthetic: a generated benchmark, or a cache to generate into)
                 ) -> DatasetSpec:
     "Resolve a dataset name and folder into a `DatasetSpec`."

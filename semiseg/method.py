@@ -61,6 +61,10 @@ class Method(nn.Module):
         "The network that is evaluated (and labels images, in a pipeline)."
         raise NotImplementedError
 
+    def extra_evaluations(self) -> dict:
+        "Further networks scored at the end of a run, {name: (network, data)}: another domain's, in multi-domain CCT."
+        return {}
+
     def after_step(self, it: int):
         "Called after each optimiser step (an EMA teacher updates here)."
 

@@ -204,6 +204,7 @@ def collect_run(run_dir, config: dict | None = None, status: str | None = None, 
                    n_labeled=res.get("n_labeled"), n_unlabeled=res.get("n_unlabeled"),
                    eval_protocol_name=res.get("eval_protocol"),
                    **{f"iou_{n}": v for n, v in zip(res.get("class_names") or [], res.get("per_class_iou") or [])})
+        row.update({f"{name}_miou": e["miou"] for name, e in (res.get("evaluations") or {}).items()})
         if res.get("stage_iters"):                                      # a pipeline
             row.update(stage_iters=res["stage_iters"], stage_miou=res.get("stage_miou"))
     if variant is not None:

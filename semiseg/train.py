@@ -42,8 +42,8 @@ from .check import check_dataset
 # %% auto #0
 __all__ = ['InfiniteSampler', 'Seeded', 'stream', 'base_lr', 'make_optimizer', 'set_poly_lr', 'env_info', 'stop_requests', 'Run',
            'setup', 'save', 'resume', 'distribute', 'board_scalars', 'Board', 'open_board', 'open_run_dir',
-           'make_streams', 'autocast', 'train_step', 'Meter', 'log_step', 'val_loader', 'evaluate_now', 'log_eval',
-           'eval_step', 'train', 'run_stage', 'run', 'main']
+           'make_streams', 'autocast', 'train_step', 'Meter', 'log_step', 'val_loader', 'evaluate_now',
+           'evaluate_extra', 'log_eval', 'eval_step', 'train', 'run_stage', 'run', 'main']
 
 # %% ../nbs/12_train.ipynb #14a7d5e7
 class InfiniteSampler(Sampler):
@@ -424,12 +424,12 @@ def log_step(run: Run, bar, meter: Meter, it: int):
         bar.set_postfix(loss=f"{rec['loss']:.3f}")
 
 # %% ../nbs/12_train.ipynb #11228e83
-def val_loader(run: Run) -> DataLoader:
-    "The validation images of this process (its share under DDP), batched when they have one size; workers kept."
-    cfg, info, val = run.cfg, run.info, run.data.val
-    ds = Subset(val, range(info.rank, len(val), info.world_size)) if info.distributed else val
+def val_loader(run: Run, data=None) -> DataLoader:
+    "The validation images (of `data`, else the run's) of this process, batched when they have one size."
+    cfg, info, data = run.cfg, run.info, data or run.data
+    ds = Subset(data.val, range(info.rank, len(data.val), info.world_size)) if info.distributed else data.val
     workers = min(cfg.workers, 2)
-    return DataLoader(ds, batch_size=cfg.eval_batch_size or (16 if run.data.fixed_size else 1),
+    return DataLoader(ds, batch_size=cfg.eval_batch_size or (16 if data.fixed_size else 1),
                       num_workers=workers, persistent_workers=workers > 0, pin_memory=run.device.type == "cuda",
                       collate_fn=collate)
 
@@ -440,6 +440,17 @@ def evaluate_now(run: Run, loader: DataLoader) -> dict:
     with autocast(run):
         return evaluate(run.method.eval_model(), loader, run.data.num_classes, device=run.device,
                         **run.cfg.eval_options())
+
+# %% ../nbs/12_train.ipynb #67e85a06
+def evaluate_extra(run: Run) -> dict:
+    "The method's further evaluations, {name: scores and class names}: multi-domain CCT's second domain."
+    sync_buffers(run.method)
+    scores = {}
+    for name, (net, data) in run.method.extra_evaluations().items():
+        with autocast(run):
+            r = evaluate(net, val_loader(run, data), data.num_classes, device=run.device, **run.cfg.eval_options())
+        scores[name] = dict(r, class_names=data.class_names)
+    return scores
 
 # %% ../nbs/12_train.ipynb #0e43327b
 def log_eval(run: Run, it: int, r: dict):
@@ -487,6 +498,9 @@ def _finish(run: Run, loader: DataLoader, t0: float) -> dict:
                    eval_protocol=r["eval_protocol"], miou=r["miou"], per_class_iou=r["per_class_iou"],
                    pixel_acc=r["pixel_acc"], best_miou=max(run.best, r["miou"]) if cfg.eval_every else None,
                    class_names=data.class_names, wall_s=time.time() - t0, out_dir=str(run.out))
+    extra = evaluate_extra(run)
+    if extra:
+        results["evaluations"] = extra
     log_eval(run, cfg.iters, r)
     if run.info.main:
         run.log.close()
@@ -584,6 +598,8 @@ def _print_results(res: dict):
     for n, v in zip(res["class_names"], res["per_class_iou"]):
         print(f"  {n:<{w}}  {'  n/a' if v is None else f'{v:5.1f}'}")
     print(f"  {'mIoU':<{w}}  {res['miou']:5.1f}")
+    for name, e in (res.get("evaluations") or {}).items():
+        print(f"  {name}: mIoU {e['miou']:.1f}")
     for s in (res.get("pipeline") or {}).get("stages", []):
         print(f"  stage {Path(s['out_dir']).name} ({s['method']}, {s['iters']} iters): mIoU {s['miou']:.1f}")
     for q in (res.get("pipeline") or {}).get("pseudo_quality", []):

@@ -89,4 +89,8 @@ def test_cct_multi_trains_on_two_domains(tiny_data, tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"domain"' in line]
     assert [r["domain"] for r in recs] == [0.0, 1.0, 0.0, 1.0]
-    assert json.loads((out / "results.json").read_text())["n_unlabeled"] == 32 + 8
+    res = json.loads((out / "results.json").read_text())
+    assert res["n_unlabeled"] == 32 + 8
+    d2 = res["evaluations"]["domain2"]                  # the trainer scores domain 2 on its own validation images
+    assert len(d2["per_class_iou"]) == len(d2["class_names"]) == 11 and 0 <= d2["miou"] <= 100
+    assert "domain2: mIoU" in p.stdout

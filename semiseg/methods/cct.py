@@ -17,7 +17,7 @@ from functools import partial
 import numpy as np
 from ..core import IGNORE_INDEX, nearest
 from ..transforms import denormalize
-from ..data import DATASETS, Tagged, build_data, dataset_spec, mask_tags, parse_labeled, read_tags
+from ..data import DATASETS, SCENE_SETS, Tagged, build_data, dataset_spec, mask_tags, parse_labeled, read_tags
 from ..method import Method, register
 from ..losses import ce_loss, sigmoid_rampup
 
@@ -681,7 +681,7 @@ class CCTMulti(CCT):
 
     @dataclass
     class Options(CCT.Options):
-        domain2: str = ''                 # the second domain's dataset (synthetic | voc | cityscapes | camvid | ...);
+        domain2: str = ''                 # the second domain's dataset (synthetic_b | camvid | sunrgbd | ...);
                                           # '' = the run's own dataset again
         domain2_root: str | None = None   # its folder
         domain2_labeled: str = '1/16'     # its labeled images: a fraction or a count
@@ -693,7 +693,7 @@ class CCTMulti(CCT):
             super().__post_init__()
             if self.domain2 and self.domain2 not in DATASETS:
                 raise ValueError(f"unknown domain2 '{self.domain2}': {nearest(self.domain2, DATASETS)}")
-            if self.domain2 not in ('', 'synthetic') and not self.domain2_root:
+            if self.domain2 not in ('', *SCENE_SETS) and not self.domain2_root:       # generated sets need none
                 raise ValueError(f"domain2={self.domain2} needs domain2_root=<its folder>")
             parse_labeled(self.domain2_labeled)
 
@@ -723,6 +723,9 @@ class CCTMulti(CCT):
                 labeled=o.domain2_labeled, train_split=o.domain2_train_split, val_split=o.domain2_val_split,
                 labeled_split=None, unlabeled_split=None, pseudo_labels=None))
         return self._data2
+
+    def extra_evaluations(self):
+        return {'domain2': (self.domain_net(1), self.domain2_data())}
 
     def unlabeled_streams(self, data):
         d2 = self.domain2_data()
