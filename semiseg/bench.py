@@ -18,7 +18,8 @@ import torch
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.flop_counter import FlopCounterMode
-from .core import all_reduce_sum, get_device, init_distributed, leave_distributed, seed_everything, write_json
+from .core import (all_reduce_sum, get_device, init_distributed, leave_distributed, run_as_command,
+                          seed_everything, write_json)
 from . import data as D
 from .models import build_model
 from .losses import ce_loss
@@ -294,5 +295,5 @@ def main(argv=None):
                   backbone=a.backbone)
 
 # %% ../nbs/13_bench.ipynb #a470a52b
-if __name__ == "__main__":
+if run_as_command(__name__):
     main()

@@ -16,7 +16,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 import numpy as np
 from PIL import Image, UnidentifiedImageError
-from .core import IGNORE_INDEX
+from .core import IGNORE_INDEX, run_as_command
 from . import data as D
 from .method import method_info
 from .config import make_config, parse_args
@@ -260,5 +260,5 @@ def main(argv=None):
         raise SystemExit(1)
 
 # %% ../nbs/11_check.ipynb #e118c5cf
-if __name__ == "__main__":
+if run_as_command(__name__):
     main()

@@ -20,12 +20,13 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.distributed as dist
+from fastcore.imports import in_ipython
 
 # %% auto #0
 __all__ = ['IGNORE_INDEX', 'IMAGENET_MEAN', 'IMAGENET_STD', 'seed_everything', 'get_device', 'rank_seed', 'rng_state',
            'set_rng_state', 'DistInfo', 'init_distributed', 'is_main', 'all_reduce_sum', 'barrier', 'leave_distributed',
-           'sync_buffers', 'all_gather_rows', 'nearest', 'atomic_write', 'write_json', 'read_json', 'atomic_save',
-           'load_checkpoint', 'load_weights']
+           'run_as_command', 'sync_buffers', 'all_gather_rows', 'nearest', 'atomic_write', 'write_json', 'read_json',
+           'atomic_save', 'load_checkpoint', 'load_weights']
 
 # %% ../nbs/00_core.ipynb #c8ededcd
 IGNORE_INDEX = 255
@@ -130,6 +131,11 @@ def leave_distributed(device: torch.device):
     if _distributed():
         barrier(device)
         dist.destroy_process_group()
+
+# %% ../nbs/00_core.ipynb #e27f9d9c
+def run_as_command(name: str) -> bool:
+    "Whether the module named `name` runs as a command (`python -m ...`), and not as a notebook's cells."
+    return name == "__main__" and not in_ipython()
 
 # %% ../nbs/00_core.ipynb #067fb42f
 @torch.no_grad()

@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 import torch
-from .core import read_json, write_json
+from .core import read_json, run_as_command, write_json
 from .data import make_synthetic, partition, read_split
 from .models import build_model
 from .metrics import predict
@@ -184,5 +184,5 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 # %% ../nbs/35_demo.ipynb #02a449b1
-if __name__ == "__main__":
+if run_as_command(__name__):
     sys.exit(main())

@@ -24,7 +24,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 import yaml
 import semiseg
-from .core import read_json, write_json
+from .core import read_json, run_as_command, write_json
 from .method import get_method, registered
 from .config import TrainConfig, full_config, parse_args
 from .runs import collect_run, config_diff, load_results, write_csv
@@ -529,5 +529,5 @@ def main(argv: list[str] | None = None):
     return 1 if failed else 0
 
 # %% ../nbs/30_sweep.ipynb #cf44afba
-if __name__ == "__main__":
+if run_as_command(__name__):
     sys.exit(main())

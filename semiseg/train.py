@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, Sampler, Subset
 from tqdm import tqdm
 from .core import (DistInfo, seed_everything, rank_seed, rng_state, set_rng_state, all_reduce_sum, barrier,
                           sync_buffers, all_gather_rows, get_device, init_distributed, is_main, nearest, atomic_save,
-                          leave_distributed, load_checkpoint, load_weights, read_json, write_json)
+                          leave_distributed, load_checkpoint, load_weights, read_json, run_as_command, write_json)
 from .data import Data, build_data, collate, colorize
 from .metrics import evaluate
 from .method import Method, get_method, method_info
@@ -620,5 +620,5 @@ def main(argv: list[str] | None = None):
         _print_results(res)
 
 # %% ../nbs/12_train.ipynb #a6da681f
-if __name__ == "__main__":
+if run_as_command(__name__):
     main()  # python -m semiseg.train (torchrun -m semiseg.train)
