@@ -48,7 +48,8 @@ def get_device(name: str = "auto") -> torch.device:
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"device={name}: this machine has no usable CUDA GPU (torch {torch.__version__}, "
-                           f"built for CUDA {torch.version.cuda}); use device=cpu, or device=auto to pick what there is")
+                           f"built for CUDA {torch.version.cuda}); use device=cpu, "
+                           "or device=auto to pick what there is")
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
         raise RuntimeError(f"device={name}: this machine has {torch.cuda.device_count()} GPU(s); "
                            f"use an index below {torch.cuda.device_count()} (under torchrun: device=auto)")

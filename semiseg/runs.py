@@ -156,7 +156,8 @@ def evaluate_run(run_dir, net: str | None = None, device="cpu") -> dict:
 
 # %% ../nbs/10_runs.ipynb #e963137a
 def predict_samples(model, ds, indices, **eval_options) -> dict:
-    "`model`'s predictions (in eval mode) of the samples `indices` of `ds`: dict(ids, images (uint8 H,W,3), gts, preds)."
+    ("`model`'s predictions (in eval mode) of the samples `indices` of `ds`: "
+     "dict(ids, images (uint8 H,W,3), gts, preds).")
     dev = next(model.parameters()).device
     out = dict(ids=[], images=[], gts=[], preds=[])
     for i in indices:

@@ -715,7 +715,8 @@ class CCTMulti(CCT):
         return DomainNet(self.net, self.domain_heads(domain)[0])
 
     def domain2_data(self):
-        "Domain 2's datasets (labeled, unlabeled, validation), built once from the run's config and the domain2 options."
+        ("Domain 2's datasets (labeled, unlabeled, validation), "
+         "built once from the run's config and the domain2 options.")
         if self._data2 is None:
             o, cfg = self.opts, self.cfg
             self._data2 = build_data(replace(

@@ -355,7 +355,8 @@ class CISCRectify(Method):
         pdir = Path(o.pseudo_dir)
         missing = [it[0] for it in unl_items if not (pdir / f"{it[0]}.png").is_file()]
         if missing:
-            raise FileNotFoundError(f"pseudo_dir={pdir}: no pseudo label for {len(missing)} images, e.g. {missing[0]}.png")
+            raise FileNotFoundError(f"pseudo_dir={pdir}: no pseudo label for {len(missing)} images, "
+                                    f"e.g. {missing[0]}.png")
         if not unl_items:
             raise ValueError("ciscr_rectify: no unlabeled images to train on")
         unl = data.spec.dataset(unl_items, train_transform(cfg.crop, cfg.scale), pseudo_dir=pdir)
@@ -392,8 +393,9 @@ def forward(self: CISCRectify, labeled, unlabeled, it):
 STEPS = ("stage1", "pseudo0", "select", "stage2", "pseudo1", "stage3")
 PSEUDO_SUBSETS = {"m0_all": "M0, all", "m0_reliable": "M0, reliable", "m0_unreliable": "M0, unreliable",
                   "m1_unreliable": "M1, unreliable", "after_all": "after, all"}   # the pseudo-label measurements
-BEST_WARNING = ("model_select=best: each stage's teacher / labeller is its best checkpoint on the VALIDATION set (as the "
-                "CISC-R code does). The validation labels then steer training: the reported mIoU is optimistic.")
+BEST_WARNING = ("model_select=best: each stage's teacher / labeller is its best checkpoint on the VALIDATION set "
+                "(as the CISC-R code does). "
+                "The validation labels then steer training: the reported mIoU is optimistic.")
 
 # %% ../../nbs/27_ciscr.ipynb #24a74573
 @register("ciscr", label="CISC-R", color="#e377c2", demo=True, order=11)
@@ -473,7 +475,8 @@ def _stage(self: CISCR, name: str, **options) -> dict:
 @patch
 def _resumable(self: CISCR, name: str, record: str, make,
                every_rank: bool = False) -> dict: # under torchrun: `make` runs on every rank (labelling), else rank 0
-    "The record `<name>/<record>` of step `name`; `make(folder) -> message` writes the step's files first if it is missing."
+    ("The record `<name>/<record>` of step `name`; "
+     "`make(folder) -> message` writes the step's files first if it is missing.")
     path = self.out / name / record
     missing = not path.is_file()
     barrier(self.device)                     # every rank has looked before any rank writes

@@ -62,7 +62,8 @@ class SelfTraining(Pipeline):
                 summary["ran"].append(stage)
                 print(f"[self-training] {stage} ({method}): mIoU {res['miou']:.2f}", flush=True)
             summary["stages"].append(res)
-        summary.update(miou=summary["stages"][-1]["miou"], rounds=self.opts.rounds, methods=list(self.stages().values()))
+        summary.update(miou=summary["stages"][-1]["miou"], rounds=self.opts.rounds,
+                       methods=list(self.stages().values()))
         if is_main():
             write_json(out / "self_training.json", {k: v for k, v in summary.items() if k != "ran"})
         return summary
