@@ -105,8 +105,7 @@ def _check_options(cfg):
 class TrainConfig:
     "Generic training options (each method adds its own `Options`)."
     method: str = "supervised"        # a registered method or pipeline (semiseg-train --help lists them)
-    dataset: str = "synthetic"        # synthetic | synthetic_b | pretext | voc | cityscapes | coco | folder |
-                                      # camvid | sunrgbd
+    dataset: str = "synthetic"  # synthetic|synthetic_b|pretext|voc|cityscapes|coco|folder|camvid|sunrgbd
     data_root: str | None = None      # dataset root; synthetic: a generated benchmark, or a cache dir to generate into
     train_split: str = "train"        # split name or split-file path of the training pool
     val_split: str = "val"            # split name or split-file path for evaluation
