@@ -27,13 +27,13 @@ import semiseg
 from .core import read_json, run_as_command, write_json
 from .method import get_method, registered
 from .config import TrainConfig, full_config, parse_args
-from .runs import collect_run, config_diff, load_results, write_csv
+from .runs import collect_run, config_diff, load_results, summarize, write_csv
 
 # %% auto #0
 __all__ = ['TEMPLATE_PARAMS', 'RUNNER_KEYS', 'RUNNERS', 'find_template', 'with_config', 'split_params', 'flat_config',
            'injected_options', 'runs_root', 'record_path', 'run_notebook', 'torchrun_command', 'train_command',
            'stream_command', 'run_cli', 'pick_runner', 'launch', 'strip_ansi', 'error_info', 'with_variants',
-           'expand_grid', 'grid_keys', 'run_name', 'sweep', 'parse_sweep_args', 'main']
+           'expand_grid', 'grid_keys', 'run_name', 'sweep', 'parse_sweep_args', 'sweep_args', 'sweep_means', 'main']
 
 # %% ../nbs/30_sweep.ipynb #4c9623a1
 TEMPLATE_PARAMS = ("method", "options", "dataset", "data_root", "train_split", "val_split", "labeled", "labeled_split",
@@ -494,6 +494,25 @@ def parse_sweep_args(items: list[str]) -> tuple[dict, dict, dict]:
         grid = _sweep_file(Path(a), grid, base, settings)
     return grid, base, settings
 
+# %% ../nbs/30_sweep.ipynb #9b04e02e
+def sweep_args(items: list[str], out=None, jobs: int | None = None, runner: str | None = None,
+               timeout: float | None = None, verbose: bool = True) -> tuple[list[dict], Path]:
+    "Run the sweep of `items` (sweep files and key=v1,v2, as `semiseg-sweep` takes them): its rows and its folder."
+    grid, base, st = parse_sweep_args(items)
+    out = Path(out or st.get("out") or "runs/sweep")
+    rows = sweep(grid, base, out_root=out, jobs=jobs or st.get("jobs", 1), runner=runner or st.get("runner", "auto"),
+                 timeout=timeout or st.get("timeout"), variants=st.get("variants"), verbose=verbose)
+    return rows, out
+
+# %% ../nbs/30_sweep.ipynb #72430af3
+def sweep_means(items: list[str], out=None, jobs: int = 2, by: str = "method", value: str = "miou") -> dict:
+    "Mean, std, n, min, max of `value` per `by` over the runs of `sweep_args(items)`, printed a line each."
+    rows, _ = sweep_args(items, out=out, jobs=jobs, runner="cli")
+    means = {s[by]: s for s in summarize(rows, by=(by,), value=value)}
+    for k, s in means.items():
+        print(f"{k:>14}: {s['mean']:.1f} ± {s['std']:.1f} over {s['n']} run{'s' if s['n'] > 1 else ''}")
+    return means
+
 # %% ../nbs/30_sweep.ipynb #10d9565a
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="semiseg-sweep", description="Run a grid of semiseg experiments, one process per "
@@ -512,16 +531,13 @@ def main(argv: list[str] | None = None):
     if argv[:1] == ["--one"]:
         return _one(argv[1])
     a = _parser().parse_intermixed_args(argv)   # key=value items may come after the options
-    grid, base, st = parse_sweep_args(a.items)
-    variants = st.get("variants")
-    out = a.out or st.get("out") or "runs/sweep"
     if a.dry_run:
-        g = with_variants(grid, variants)
-        for r in expand_grid(g, base, variants):
+        grid, base, st = parse_sweep_args(a.items)
+        g = with_variants(grid, st.get("variants"))
+        for r in expand_grid(g, base, st.get("variants")):
             print(run_name(r, grid_keys(g)), json.dumps(r, default=str))
         return 0
-    rows = sweep(grid, base, out_root=out, jobs=a.jobs or st.get("jobs", 1),
-                 runner=a.runner or st.get("runner", "auto"), timeout=a.timeout or st.get("timeout"), variants=variants)
+    rows, out = sweep_args(a.items, out=a.out, jobs=a.jobs, runner=a.runner, timeout=a.timeout)
     failed = [r for r in rows if r["status"] == "failed"]
     print(f"\n{len(rows) - len(failed)} of {len(rows)} runs done; table: {Path(out) / 'results.csv'}")
     for r in failed:
