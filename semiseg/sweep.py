@@ -283,13 +283,13 @@ def _slug(v) -> str:
     return re.sub(r"[^A-Za-z0-9_.+=-]+", "_", str(v).replace("/", "of"))
 
 def run_name(params: dict, keys=()) -> str:
-    "A run's directory name: method, labeled images (share or split file), seed, then the other keys of `keys`."
+    "A run's directory name: method, labeled images (share or split file), seed, then the other keys of `keys`, sorted."
     split = params.get("labeled_split")
     labeled = str(Path(split).parent / Path(split).stem) if split else params.get("labeled", TrainConfig.labeled)
     seed = params.get("seed", TrainConfig.seed)
     parts = [_slug(params.get("method", TrainConfig.method)), _slug(labeled), f"s{seed}"]
     named = ("method", "labeled", "labeled_split", "seed")
-    parts += [f"{k}{_slug(params[k])}" for k in keys if k not in named and k in params]
+    parts += [f"{k}{_slug(params[k])}" for k in sorted(keys) if k not in named and k in params]
     return "-".join(parts)
 
 # %% ../nbs/30_sweep.ipynb #3c64315f
