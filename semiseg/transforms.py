@@ -14,8 +14,8 @@ from torchvision.transforms.v2 import functional as TF
 from .core import IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD
 
 # %% auto #0
-__all__ = ['RandomScale', 'eval_transform', 'train_transform', 'denormalize', 'normalize', 'strong_photometric', 'box_mask',
-           'mix']
+__all__ = ['STRONG_PHOTOMETRIC', 'RandomScale', 'eval_transform', 'train_transform', 'denormalize', 'normalize',
+           'strong_photometric', 'box_mask', 'mix']
 
 # %% ../nbs/01_transforms.ipynb #b401cd18
 class RandomScale(v2.Transform):
@@ -51,8 +51,11 @@ def train_transform(crop: int, scale=(0.5, 2.0), flip: bool = True):
     return v2.Compose(ops + [_to_float()])
 
 # %% ../nbs/01_transforms.ipynb #edb5fb72
-_STRONG = v2.Compose([v2.RandomApply([v2.ColorJitter(0.5, 0.5, 0.5, 0.25)], p=0.8), v2.RandomGrayscale(p=0.2),
-                      v2.RandomApply([v2.GaussianBlur(5, sigma=(0.1, 2.0))], p=0.5)])
+STRONG_PHOTOMETRIC = {  # the strong view's operations, applied in this order (ST++/UniMatch: all three)
+    "colour": v2.RandomApply([v2.ColorJitter(0.5, 0.5, 0.5, 0.25)], p=0.8),
+    "grey": v2.RandomGrayscale(p=0.2),
+    "blur": v2.RandomApply([v2.GaussianBlur(5, sigma=(0.1, 2.0))], p=0.5),
+}
 
 # %% ../nbs/01_transforms.ipynb #07757fd3
 def denormalize(x: torch.Tensor) -> torch.Tensor:
@@ -69,10 +72,14 @@ def normalize(x: torch.Tensor) -> torch.Tensor:
     return (x - m) / s
 
 # %% ../nbs/01_transforms.ipynb #0f778843
-def strong_photometric(images: torch.Tensor) -> torch.Tensor:
-    "Strong colour/blur augmentation of a normalised batch (B,3,H,W), drawn per sample; geometry unchanged."
-    rgb = denormalize(images).clamp(0, 1)
-    return normalize(torch.stack([_STRONG(im) for im in rgb]))
+def strong_photometric(images: torch.Tensor, ops=tuple(STRONG_PHOTOMETRIC)) -> torch.Tensor:
+    "Strong colour/blur augmentation (`ops` of STRONG_PHOTOMETRIC) of a normalised batch (B,3,H,W), drawn per sample."
+    views = []
+    for im in denormalize(images).clamp(0, 1):
+        for op in ops:
+            im = STRONG_PHOTOMETRIC[op](im)
+        views.append(im)
+    return normalize(torch.stack(views))
 
 # %% ../nbs/01_transforms.ipynb #7ce71259
 def box_mask(batch: int, h: int, w: int, n_boxes: int = 3, prop_range=(0.25, 0.5),

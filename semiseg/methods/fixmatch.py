@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from ..core import IGNORE_INDEX
 from ..method import Method, register
 from ..models import FORWARD_MODES, forward_parts
-from ..transforms import mix, strong_photometric
+from ..transforms import STRONG_PHOTOMETRIC, mix, strong_photometric
 from ..pseudo import confident_labels, eval_mode, pseudo_label_accuracy
 
 # %% auto #0
@@ -54,13 +54,23 @@ class FixMatch(Method):
         conf_thresh: float | None = None  # τ; unset: UniMatch's 0.95, or 0 on cityscapes
         unsup_weight: float = 1.0         # λ_u
         cutmix_p: float = 0.5             # probability that a strong view gets a CutMix box (0: none)
+        strong_ops: str = "colour,grey,blur"  # the strong view's operations (STRONG_PHOTOMETRIC); 'none': no change
         forward: str = "joint"            # joint (UniMatch: labeled ⊕ weak share BN statistics) | parts | separate
+
+        @property
+        def strong_view_ops(self) -> tuple[str, ...]:
+            "`strong_ops` as a tuple of operation names (empty for 'none')."
+            return () if self.strong_ops == "none" else tuple(o.strip() for o in self.strong_ops.split(",") if o.strip())
 
         def __post_init__(self):
             if self.conf_thresh is not None and not 0 <= self.conf_thresh <= 1:
                 raise ValueError(f"conf_thresh must be in [0, 1] (a softmax confidence), got {self.conf_thresh!r}")
             if not 0 <= self.cutmix_p <= 1:
                 raise ValueError(f"cutmix_p must be in [0, 1], got {self.cutmix_p!r}")
+            bad = [op for op in self.strong_view_ops if op not in STRONG_PHOTOMETRIC]
+            if bad:
+                raise ValueError(f"strong_ops: unknown {', '.join(bad)} in {self.strong_ops!r} (a comma-separated "
+                                 f"subset of {', '.join(STRONG_PHOTOMETRIC)}, or 'none')")
             if self.unsup_weight < 0:
                 raise ValueError(f"unsup_weight must be >= 0, got {self.unsup_weight!r}")
             if self.forward not in FORWARD_MODES:
@@ -83,7 +93,8 @@ def forward(self: FixMatch, labeled, unlabeled, it):
     with torch.no_grad(), eval_mode(self.net):                    # the boxes' source, labelled in eval mode
         mask_u_mix, conf_u_mix = confident_labels(self.net(img_u_w_mix))
     box_u = cutmix_box(len(img_u_w), *img_u_w.shape[-2:], self.opts.cutmix_p).to(img_u_w.device)
-    img_u_s = mix(strong_photometric(img_u_w), strong_photometric(img_u_w_mix), box_u)   # strong view + box
+    ops = self.opts.strong_view_ops
+    img_u_s = mix(strong_photometric(img_u_w, ops), strong_photometric(img_u_w_mix, ops), box_u)   # strong view + box
     pred_x, pred_u_w = forward_parts(self.net, img_x, img_u_w, mode=self.opts.forward)
     pred_u_s = self.net(img_u_s)
     mask_u_w, conf_u_w = confident_labels(pred_u_w)                # no gradient
