@@ -194,7 +194,7 @@ def test_fixmatch_step_is_unimatch():
     box = torch.zeros(B, 1, S, S)
     box[0, :, 3:17, 5:21] = 1                                                       # image 1: no box
 
-    def strong(x):
+    def strong(x, ops=None):
         return x.flip(1) * 0.7
     with mock.patch("semiseg.methods.fixmatch.cutmix_box", lambda *a, **k: box), \
             mock.patch("semiseg.methods.fixmatch.strong_photometric", strong):
