@@ -60,7 +60,9 @@ class FixMatch(Method):
         @property
         def strong_view_ops(self) -> tuple[str, ...]:
             "`strong_ops` as a tuple of operation names (empty for 'none')."
-            return () if self.strong_ops == "none" else tuple(o.strip() for o in self.strong_ops.split(",") if o.strip())
+            if self.strong_ops == "none":
+                return ()
+            return tuple(o.strip() for o in self.strong_ops.split(",") if o.strip())
 
         def __post_init__(self):
             if self.conf_thresh is not None and not 0 <= self.conf_thresh <= 1:
