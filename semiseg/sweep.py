@@ -452,12 +452,13 @@ def sweep(grid, base: dict | None = None, out_root="runs/sweep", jobs: int = 1, 
     return load_results(out_root / csv_name)
 
 # %% ../nbs/30_sweep.ipynb #aa665710
-def _cli_item(item: str, grid: dict, base: dict):
-    "`key=v1,v2` into the grid (several values) or the base (one value)."
+def _cli_item(item: str, grid: dict | list, base: dict):
+    "`key=v1,v2` into the grid (several values; every grid of a list) or the base (one value)."
     k, v = item.split("=", 1)
     vals = [yaml.safe_load(v)] if v.strip().startswith("[") else [yaml.safe_load(x) for x in v.split(",")]
     if len(vals) > 1:
-        grid[k.strip()] = vals
+        for g in grid if isinstance(grid, list) else [grid]:
+            g[k.strip()] = vals
     else:
         base[k.strip()] = vals[0]
 
@@ -485,12 +486,19 @@ def _sweep_file(p: Path, grid: dict, base: dict, settings: dict) -> dict:
 def parse_sweep_args(items: list[str]) -> tuple[dict, dict, dict]:
     "(grid, base, settings) from YAML files and key=v1,v2 arguments."
     grid, base, settings = {}, {}, {}
+    with_grid = []                                          # the files that hold a `grid:` (one sweep each)
     for a in items:
         if "=" in a and not Path(a).exists():
             _cli_item(a, grid, base)
             continue
         if not Path(a).is_file():
             raise FileNotFoundError(f"sweep file not found: {a} (arguments are YAML files or key=v1,v2)")
+        d = yaml.safe_load(Path(a).read_text())
+        if isinstance(d, dict) and "grid" in d:
+            with_grid.append(a)
+        if len(with_grid) > 1:
+            raise ValueError(f"{with_grid[0]} and {with_grid[1]} each hold a grid: one semiseg-sweep runs one sweep "
+                             "file's grid; run them one after the other (with the same --out, they share runs)")
         grid = _sweep_file(Path(a), grid, base, settings)
     return grid, base, settings
 
