@@ -41,8 +41,9 @@ def test_template_parameters_match_the_module():
     for name, p in params.items():
         assert p["inferred_type_name"] != "None" and p["help"], f"parameter {name} lacks a type or a comment"
     from semiseg.train import TrainConfig
-    for k in ("optimizer", "lr", "crop", "batch_size", "output_stride"):                  # semiseg-train's defaults
-        assert ast.literal_eval(params[k]["default"]) == getattr(TrainConfig, k), k
+    for k in params:           # semiseg-train's defaults, so both runners train the same thing (the demo's did not)
+        if hasattr(TrainConfig, k) and k != "eval_every":       # eval_every: the template draws a five-point curve
+            assert ast.literal_eval(params[k]["default"]) == getattr(TrainConfig, k), k
 
 
 def test_template_through_papermill(template_run):
