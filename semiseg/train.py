@@ -613,7 +613,11 @@ def main(argv: list[str] | None = None):
     if any(a in ("-h", "--help") for a in argv):
         print(usage())
         return
-    options = parse_args(argv)
+    try:                                         # every option checked before any data is read: a message, no traceback
+        options = parse_args(argv)
+        make_config(options)
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"semiseg-train: {e}")
     res = run(options)
     leave_distributed(get_device(options.get("device", TrainConfig.device)))
     if res and int(os.environ.get("RANK", 0)) == 0:
