@@ -389,7 +389,7 @@ def ablation_bars(table, by: str = "method", value: str = "miou", baseline=None,
             ax.plot(vals, [y] * len(vals), ".", color="k", ms=3, zorder=3)
         txt = f"{s['mean']:.1f}" + (f" ± {s['std']:.1f}" if s["n"] > 1 else "")
         if baseline in stats and k != baseline:
-            txt += f"  ({s['mean'] - stats[baseline]['mean']:+.1f})"
+            txt += f"  ({round(s['mean'], 1) - round(stats[baseline]['mean'], 1):+.1f})"   # of the means shown
         ax.text(s["mean"] + s["std"] + 0.6, y, txt, va="center", fontsize=7.5)
     name = {k: (labels or {}).get(k, series_label(k, by)) for k in [*keys, baseline]}
     ax.set_yticks(ys, [name[k] for k in keys])
