@@ -453,14 +453,16 @@ def sweep(grid, base: dict | None = None, out_root="runs/sweep", jobs: int = 1, 
 
 # %% ../nbs/30_sweep.ipynb #aa665710
 def _cli_item(item: str, grid: dict | list, base: dict):
-    "`key=v1,v2` into the grid (several values; every grid of a list) or the base (one value)."
+    "`key=v1,v2` into the grid (several values; every grid of a list) or the base (one value, which also replaces "
+    "the key's values in the grids that list it)."
     k, v = item.split("=", 1)
+    k = k.strip()
     vals = [yaml.safe_load(v)] if v.strip().startswith("[") else [yaml.safe_load(x) for x in v.split(",")]
-    if len(vals) > 1:
-        for g in grid if isinstance(grid, list) else [grid]:
-            g[k.strip()] = vals
-    else:
-        base[k.strip()] = vals[0]
+    if len(vals) == 1:
+        base[k] = vals[0]
+    for g in grid if isinstance(grid, list) else [grid]:
+        if len(vals) > 1 or k in g:
+            g[k] = vals
 
 def _sweep_file(p: Path, grid: dict, base: dict, settings: dict) -> dict:
     "Read sweep file `p` into `base` and `settings`; return the grid (a list of grids replaces `grid`)."
