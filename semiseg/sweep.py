@@ -454,14 +454,14 @@ def sweep(grid, base: dict | None = None, out_root="runs/sweep", jobs: int = 1, 
 # %% ../nbs/30_sweep.ipynb #aa665710
 def _cli_item(item: str, grid: dict | list, base: dict):
     "`key=v1,v2` into the grid (several values; every grid of a list) or the base (one value, which also replaces "
-    "the key's values in the grids that list it)."
+    "the key's values in the grids that list it); `variant` is always a grid axis."
     k, v = item.split("=", 1)
     k = k.strip()
     vals = [yaml.safe_load(v)] if v.strip().startswith("[") else [yaml.safe_load(x) for x in v.split(",")]
-    if len(vals) == 1:
+    if len(vals) == 1 and k != "variant":
         base[k] = vals[0]
     for g in grid if isinstance(grid, list) else [grid]:
-        if len(vals) > 1 or k in g:
+        if len(vals) > 1 or k in g or k == "variant":
             g[k] = vals
 
 def _sweep_file(p: Path, grid: dict, base: dict, settings: dict) -> dict:
