@@ -125,8 +125,8 @@ def demo_verdict(rows: list[dict], iters: int) -> str:
     if iters < TABLE_ITERS:
         text += (f" These runs were cut short to {iters} of the {TABLE_ITERS} iterations per stage of the README's "
                  "results table (three seeds, configs/sweeps/pretext_1of16.yaml): a method below supervised here "
-                 "may need the longer schedule; that table is the comparison to trust. `semiseg-demo --out <new folder> "
-                 "--iters N` trains longer runs.")
+                 "may need the longer schedule; that table is the comparison to trust. "
+                 "`semiseg-demo --out <new folder> --iters N` trains longer runs.")
     return text
 
 # %% ../nbs/35_demo.ipynb #12ee143b
