@@ -33,7 +33,8 @@ from .runs import collect_run, config_diff, load_results, summarize, write_csv
 __all__ = ['TEMPLATE_PARAMS', 'RUNNER_KEYS', 'RUNNERS', 'find_template', 'with_config', 'split_params', 'flat_config',
            'injected_options', 'runs_root', 'record_path', 'run_notebook', 'torchrun_command', 'train_command',
            'stream_command', 'run_cli', 'pick_runner', 'launch', 'strip_ansi', 'error_info', 'with_variants',
-           'expand_grid', 'grid_keys', 'run_name', 'sweep', 'parse_sweep_args', 'sweep_args', 'sweep_means', 'main']
+           'expand_grid', 'grid_keys', 'run_name', 'sweep_runs', 'sweep', 'parse_sweep_args', 'sweep_args',
+           'sweep_means', 'main']
 
 # %% ../nbs/30_sweep.ipynb #4c9623a1
 TEMPLATE_PARAMS = ("method", "options", "dataset", "data_root", "train_split", "val_split", "labeled", "labeled_split",
@@ -408,6 +409,17 @@ def _sweep_row(name: str, params: dict, out_root: Path, spec: dict, env: dict, t
     row["wall_s"] = row.get("wall_s") or round(time.time() - t0, 1)
     return row
 
+# %% ../nbs/30_sweep.ipynb #de6c48b3
+def sweep_runs(grid, base: dict | None = None, variants: dict | None = None) -> dict:
+    "{run directory name: parameters} of every run of `grid` (× `variants`) over `base`, each name used once."
+    grid = with_variants(grid, variants)
+    runs = expand_grid(grid, base, variants)
+    names = [run_name(r, grid_keys(grid)) for r in runs]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ValueError(f"two runs would share the directory {dup[0]}: give them a distinguishing grid key")
+    return dict(zip(names, runs))
+
 # %% ../nbs/30_sweep.ipynb #5d7b51af
 def _progress(row: dict, n: int, total: int) -> str:
     "The line a sweep prints when a run finishes."
@@ -419,21 +431,17 @@ def sweep(grid, base: dict | None = None, out_root="runs/sweep", jobs: int = 1, 
           timeout: float | None = None, kernel: str = "python3", csv_name: str = "results.csv", verbose: bool = True,
           variants: dict | None = None) -> list[dict]:
     "Run every combination of `grid` (× `variants`) over `base` into `out_root/<run>/`; the rows of its results.csv."
+    planned = sweep_runs(grid, base, variants)
+    names, runs = list(planned), list(planned.values())
     out_root = Path(out_root).resolve()
     out_root.mkdir(parents=True, exist_ok=True)
-    grid = with_variants(grid, variants)
-    runs = expand_grid(grid, base, variants)
-    names = [run_name(r, grid_keys(grid)) for r in runs]
-    dup = sorted({n for n in names if names.count(n) > 1})
-    if dup:
-        raise ValueError(f"two runs would share the directory {dup[0]}: give them a distinguishing grid key")
     runner = pick_runner(runner, template=template)
     if runner == "notebook":
         template = str(Path(template or find_template()).resolve())
         for n in names:
             record_path(out_root / n, template)
-    write_json(out_root / "sweep.json", dict(grid=grid, base=base or {}, variants=variants or {}, runner=runner,
-                                              template=template, runs=dict(zip(names, runs))))
+    write_json(out_root / "sweep.json", dict(grid=with_variants(grid, variants), base=base or {}, variants=variants or {},
+                                              runner=runner, template=template, runs=planned))
     spec, env = dict(runner=runner, template=template, kernel=kernel), _child_env(jobs)
     rows, lock = [None] * len(runs), threading.Lock()
     try:
@@ -541,11 +549,14 @@ def main(argv: list[str] | None = None):
     if argv[:1] == ["--one"]:
         return _one(argv[1])
     a = _parser().parse_intermixed_args(argv)   # key=value items may come after the options
-    if a.dry_run:
+    try:                                        # the sweep's own input checked before any run: a message, no traceback
         grid, base, st = parse_sweep_args(a.items)
-        g = with_variants(grid, st.get("variants"))
-        for r in expand_grid(g, base, st.get("variants")):
-            print(run_name(r, grid_keys(g)), json.dumps(r, default=str))
+        planned = sweep_runs(grid, base, st.get("variants"))
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"semiseg-sweep: {e}")
+    if a.dry_run:
+        for name, params in planned.items():
+            print(name, json.dumps(params, default=str))
         return 0
     rows, out = sweep_args(a.items, out=a.out, jobs=a.jobs, runner=a.runner, timeout=a.timeout)
     failed = [r for r in rows if r["status"] == "failed"]
