@@ -440,8 +440,8 @@ def sweep(grid, base: dict | None = None, out_root="runs/sweep", jobs: int = 1, 
         template = str(Path(template or find_template()).resolve())
         for n in names:
             record_path(out_root / n, template)
-    write_json(out_root / "sweep.json", dict(grid=with_variants(grid, variants), base=base or {}, variants=variants or {},
-                                              runner=runner, template=template, runs=planned))
+    write_json(out_root / "sweep.json", dict(grid=with_variants(grid, variants), base=base or {},
+                                              variants=variants or {}, runner=runner, template=template, runs=planned))
     spec, env = dict(runner=runner, template=template, kernel=kernel), _child_env(jobs)
     rows, lock = [None] * len(runs), threading.Lock()
     try:
